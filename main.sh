@@ -1,0 +1,6 @@
+#!/bin/sh
+# Demo launcher for macOS: each node in a Terminal window of its own (through
+# osascript), as in the course assignment, or headless over SSH. The launcher itself
+# is main_linux, a Python script that runs the same on macOS and Linux.
+cd "$(dirname "$0")" || exit 1
+exec python3 ./main_linux "$@"

@@ -1,0 +1,523 @@
+"""Wire protocol of the policy-routed reverse proxy: frames and messages, no I/O.
+
+This module implements PROTOCOL.md (version 1.1 plus the project's registration
+proof, see PROTOCOL.md in this repository) and nothing else. It never touches a
+socket, a thread or a clock, so every rule of the contract can be tested with bytes
+in and bytes out.
+
+Strategy, after h11 and websockets' ``protocol.py``:
+
+* ``FrameDecoder`` is fed any chunks of received bytes and hands out whole frame
+  bodies. It checks a frame's length prefix as soon as the four bytes are there,
+  before it buffers any of the body, so an oversized length costs nothing.
+* ``parse_message`` turns one frame body into a validated message: a ``dict`` whose
+  ``type`` is a ``MessageType`` and whose other fields are as received (unknown
+  fields are kept, because the proxy passes them on).
+* ``encode_frame`` and the builders (``data``, ``setup``, ``ack``, ...) go the
+  other way.
+* Every fault is one ``ProtocolError`` carrying the PROTOCOL.md error code to send
+  back and a one-line message that names the value at fault, so that turning any
+  failure into an ERROR frame is ``error_message(exc)``.
+
+Exception tree::
+
+    ProtocolError            code, message; ``fatal`` says close the connection
+    ├── FrameError           BAD_FRAME: the byte stream is out of step (fatal)
+    │   └── FrameTooLarge    FRAME_TOO_LARGE (fatal)
+    ├── MessageError         BAD_MESSAGE: one bad frame, the stream is still fine
+    └── ServiceError         the message was fine but cannot be served:
+                             NO_SERVER, UPSTREAM_FAILED, TIMEOUT, OVERLOADED,
+                             UNAUTHORIZED
+"""
+
+import enum
+import hashlib
+import hmac
+import json
+import math
+import struct
+
+__all__ = [
+    "DEFAULT_MAX_FRAME", "MessageType", "ProtocolError", "FrameError", "FrameTooLarge",
+    "MessageError", "ServiceError", "FrameDecoder", "encode_frame", "parse_message",
+    "validate_message",
+    "data", "setup", "ack", "error", "registered", "ping", "pong", "error_message",
+    "sha1_hex", "ack_for", "policy_text", "setup_proof", "check_setup_proof",
+    "parse_hostport", "parse_port", "show",
+]
+
+# 1 MiB, PROTOCOL.md section 1. A demo payload is a few bytes; the largest frame the
+# tests send is 300 kB. nginx's client_max_body_size defaults to 1 MiB too.
+DEFAULT_MAX_FRAME = 1 << 20
+
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+
+# Error codes of PROTOCOL.md section 2.
+BAD_FRAME = "BAD_FRAME"
+FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+BAD_MESSAGE = "BAD_MESSAGE"
+NO_SERVER = "NO_SERVER"
+UPSTREAM_FAILED = "UPSTREAM_FAILED"
+TIMEOUT = "TIMEOUT"
+OVERLOADED = "OVERLOADED"
+UNAUTHORIZED = "UNAUTHORIZED"
+
+
+class MessageType(enum.IntEnum):
+    """Message types of PROTOCOL.md sections 2 and 6."""
+
+    DATA = 0
+    SETUP = 1
+    ACK = 2
+    ERROR = 3
+    REGISTERED = 4
+    PING = 5
+    PONG = 6
+
+
+class ProtocolError(Exception):
+    """A fault to report to the peer as one ERROR frame (PROTOCOL.md section 2).
+
+    Attributes:
+        code: the PROTOCOL.md error code, for example ``"BAD_MESSAGE"``.
+        message: one sentence naming the value at fault.
+        fatal: True when the connection must be closed after the ERROR frame.
+    """
+
+    code = BAD_MESSAGE
+    fatal = False
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self):
+        return f"{self.code}: {self.message}"
+
+
+class FrameError(ProtocolError):
+    """The length prefix is invalid: the stream can no longer be trusted (section 1)."""
+
+    code = BAD_FRAME
+    fatal = True
+
+
+class FrameTooLarge(FrameError):
+    """The length prefix is above the receiver's maximum frame size (section 1)."""
+
+    code = FRAME_TOO_LARGE
+
+
+class MessageError(ProtocolError):
+    """A well-framed body that is not a valid message: BAD_MESSAGE (sections 1, 2)."""
+
+    code = BAD_MESSAGE
+
+
+class ServiceError(ProtocolError):
+    """A valid message that cannot be served; ``code`` is set by the raiser."""
+
+
+def show(value, limit=64):
+    """Return ``value`` as text fit for one log line: printable, at most ``limit`` chars.
+
+    Strings are shown as they are unless they hold control characters (then as a
+    Python literal), so that a hostile id cannot forge log lines.
+    """
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if not text.isprintable():
+        text = repr(text)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} chars)"
+    return text
+
+
+class FrameDecoder:
+    """Incremental decoder of length-prefixed frames (PROTOCOL.md section 1).
+
+    Feed it received bytes in chunks of any size with ``feed``; take whole frame
+    bodies out with ``next_frame``. It never buffers the body of a frame whose length
+    prefix it refuses.
+
+    Args:
+        max_frame: the largest body accepted, in bytes (>= 1).
+    """
+
+    def __init__(self, max_frame=DEFAULT_MAX_FRAME):
+        if max_frame < 1:
+            raise ValueError(f"max_frame must be at least 1 byte, got {max_frame}")
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._error = None
+
+    def feed(self, chunk):
+        """Append received bytes (``bytes`` or ``bytearray``) to the buffer."""
+        if self._error is None:
+            self._buffer += chunk
+
+    @property
+    def in_frame(self):
+        """True when part of a frame has arrived and the rest has not."""
+        return bool(self._buffer)
+
+    def next_frame(self):
+        """Return the next whole frame body as ``bytes``, or None if more data is needed.
+
+        Raises:
+            FrameTooLarge: the length prefix is above ``max_frame``.
+            FrameError: the length prefix is 0.
+            Once raised, the same error is raised on every later call: the stream
+            is out of step for good.
+        """
+        if self._error is not None:
+            raise self._error
+        buffer = self._buffer
+        if len(buffer) < HEADER_SIZE:
+            return None
+        (length,) = _HEADER.unpack_from(buffer)
+        if length == 0 or length > self.max_frame:
+            self._buffer = bytearray()
+            if length == 0:
+                self._error = FrameError("frame length is 0; a frame body holds at least 1 byte")
+            else:
+                self._error = FrameTooLarge(
+                    f"frame length {length} bytes is above the maximum of {self.max_frame} bytes")
+            raise self._error
+        end = HEADER_SIZE + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[HEADER_SIZE:end])
+        del buffer[:end]
+        return body
+
+
+def encode_frame(message):
+    """Encode one message (a ``dict``) as a frame: 4-byte big-endian length + JSON body.
+
+    Strings go out as UTF-8, not ``\\u`` escapes, so a forwarded frame is never longer
+    than the one received.
+
+    Returns:
+        bytes: the whole frame.
+    """
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _HEADER.pack(len(body)) + body
+
+
+# --- Parsing and validation (PROTOCOL.md section 2) --------------------------------
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_text(value, field):
+    # A JSON "\ud800" escape decodes to a lone surrogate, which cannot be encoded
+    # again and would break every later log line or forward.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MessageError(f"field '{field}' holds a lone surrogate, which is not Unicode text") from None
+
+
+def _require(message, field):
+    if field not in message:
+        raise MessageError(
+            f"{MessageType(message['type']).name} message has no '{field}' field")
+    return message[field]
+
+
+def _check_id(message, field):
+    value = _require(message, field)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise MessageError(f"field '{field}' must be a string or an integer, got {show(value)}")
+    if isinstance(value, str):
+        if not value:
+            raise MessageError(f"field '{field}' is an empty string")
+        _check_text(value, field)
+
+
+def _check_string(message, field):
+    value = _require(message, field)
+    if not isinstance(value, str):
+        raise MessageError(f"field '{field}' must be a string, got {show(value)}")
+    _check_text(value, field)
+    return value
+
+
+def _check_count(message, field):
+    value = _require(message, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MessageError(f"field '{field}' must be a non-negative integer, got {show(value)}")
+    return value
+
+
+def _validate_data(message):
+    _check_id(message, "srcid")
+    _check_id(message, "privPoliId")
+    payload = _check_string(message, "payload")
+    if "payloadsize" in message:
+        size = _check_count(message, "payloadsize")
+        actual = len(payload.encode("utf-8"))
+        if size != actual:
+            raise MessageError(
+                f"payloadsize {size} does not match the payload's {actual} UTF-8 bytes")
+
+
+def _validate_setup(message):
+    _check_id(message, "id")
+    _check_id(message, "privPolyId")
+    port = _require(message, "listenport")
+    if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise MessageError(f"listenport must be a port number from 1 to 65535, got {show(port)}")
+    message["listenport"] = port
+    if "host" in message:
+        host = _check_string(message, "host")
+        if not host or len(host) > 253 or not host.isprintable() or " " in host:
+            raise MessageError(f"host must be a host name or address, got {show(host)}")
+    if "heartbeat" in message:
+        beat = message["heartbeat"]
+        if (isinstance(beat, bool) or not isinstance(beat, (int, float))
+                or not math.isfinite(beat) or beat <= 0):
+            raise MessageError(f"heartbeat must be a number of seconds above 0, got {show(beat)}")
+    for field in ("nonce", "proof"):
+        if field in message:
+            _check_string(message, field)
+
+
+def _validate_ack(message):
+    _check_id(message, "srcid")
+    _check_id(message, "destid")
+    _check_count(message, "payloadsize")
+    _check_string(message, "payload")
+
+
+def _validate_error(message):
+    _check_string(message, "code")
+    _check_string(message, "message")
+    if "destid" in message:
+        _check_id(message, "destid")
+
+
+def _validate_registered(message):
+    _check_id(message, "id")
+    _check_id(message, "privPolyId")
+
+
+def _validate_nothing(message):
+    pass
+
+
+_VALIDATORS = {
+    MessageType.DATA: _validate_data,
+    MessageType.SETUP: _validate_setup,
+    MessageType.ACK: _validate_ack,
+    MessageType.ERROR: _validate_error,
+    MessageType.REGISTERED: _validate_registered,
+    MessageType.PING: _validate_nothing,
+    MessageType.PONG: _validate_nothing,
+}
+
+_TYPE_TEXT = {str(t.value): t for t in MessageType}
+_TYPE_NUMBER = {t.value: t for t in MessageType}
+
+
+def parse_message(body):
+    """Parse and validate one frame body (PROTOCOL.md sections 1 and 2).
+
+    Args:
+        body: the frame body, ``bytes``.
+
+    Returns:
+        dict: the message. ``type`` is a ``MessageType``; a SETUP's ``listenport`` is
+        an ``int``; every other field, known or not, is as received.
+
+    Raises:
+        MessageError: the body is not UTF-8, not JSON, not an object, or not a valid
+            message; its text names the value at fault.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"frame body is not valid UTF-8 (bad byte at offset {exc.start})") from None
+    try:
+        message = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise MessageError("frame body is JSON nested too deeply") from None
+    except ValueError as exc:
+        raise MessageError(f"frame body is not valid JSON: {exc}") from None
+    return validate_message(message)
+
+
+def validate_message(message):
+    """Validate a decoded JSON value as a message (PROTOCOL.md section 2).
+
+    Args:
+        message: any decoded JSON value; a ``dict`` is normalized in place.
+
+    Returns:
+        dict: ``message``, with ``type`` a ``MessageType`` and a SETUP's
+        ``listenport`` an ``int``.
+
+    Raises:
+        MessageError: not an object, or not a valid message; names the value at fault.
+    """
+    if not isinstance(message, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(message), "a number")
+        raise MessageError(f"a message must be a JSON object, got {kind}: {show(message)}")
+    if "type" not in message:
+        raise MessageError("message has no 'type' field")
+    kind = message["type"]
+    if isinstance(kind, str):
+        kind = _TYPE_TEXT.get(kind, kind)
+    elif isinstance(kind, int) and not isinstance(kind, bool):
+        kind = _TYPE_NUMBER.get(kind, kind)
+    if not isinstance(kind, MessageType):
+        raise MessageError(f"unknown message type {show(message['type'])}; known types are 0 to 6")
+    message["type"] = kind
+    _VALIDATORS[kind](message)
+    return message
+
+
+def policy_text(policy):
+    """Return the text by which policy ids (and server ids) compare: ``111 == "111"``."""
+    return policy if isinstance(policy, str) else str(policy)
+
+
+# --- Builders ----------------------------------------------------------------------
+
+def data(srcid, policy, payload, **extra):
+    """Build a DATA message (type 0) from client ``srcid`` for ``policy``."""
+    return {"type": MessageType.DATA, "srcid": srcid, "privPoliId": policy,
+            "payload": payload, **extra}
+
+
+def setup(server_id, policy, listenport, *, host=None, heartbeat=None, nonce=None, proof=None):
+    """Build a SETUP message (type 1); optional fields are left out when None.
+
+    Args:
+        listenport: the server's data port, int 1..65535.
+        host: the address the proxy should connect to; default: the SETUP's source.
+        heartbeat: seconds between PINGs on the session (section 6); None: legacy.
+        nonce, proof: the registration proof (PROTOCOL.md of this repository).
+    """
+    message = {"type": MessageType.SETUP, "id": server_id, "privPolyId": policy,
+               "listenport": listenport}
+    for field, value in (("host", host), ("heartbeat", heartbeat), ("nonce", nonce),
+                         ("proof", proof)):
+        if value is not None:
+            message[field] = value
+    return message
+
+
+def sha1_hex(payload):
+    """Return the lowercase hex SHA-1 of the UTF-8 bytes of ``payload`` (str)."""
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+def ack(server_id, destid, payload_hash):
+    """Build an ACK message (type 2) carrying ``payload_hash`` (40 hex chars)."""
+    return {"type": MessageType.ACK, "srcid": server_id, "destid": destid,
+            "payloadsize": len(payload_hash), "payload": payload_hash}
+
+
+def ack_for(server_id, data_message):
+    """Build the ACK that server ``server_id`` owes for a validated DATA message."""
+    return ack(server_id, data_message["srcid"], sha1_hex(data_message["payload"]))
+
+
+def error(code, message, destid=None):
+    """Build an ERROR message (type 3); ``destid`` is left out when None."""
+    built = {"type": MessageType.ERROR, "code": code, "message": message}
+    if destid is not None:
+        built["destid"] = destid
+    return built
+
+
+def error_message(exc, destid=None):
+    """Build the ERROR message that reports ``exc`` (a ProtocolError) to the peer."""
+    return error(exc.code, exc.message, destid)
+
+
+def registered(server_id, policy):
+    """Build a REGISTERED message (type 4)."""
+    return {"type": MessageType.REGISTERED, "id": server_id, "privPolyId": policy}
+
+
+def ping():
+    """Build a PING message (type 5)."""
+    return {"type": MessageType.PING}
+
+
+def pong():
+    """Build a PONG message (type 6)."""
+    return {"type": MessageType.PONG}
+
+
+# --- Registration proof (this repository's PROTOCOL.md, "Registration proof") -------
+
+_PROOF_FIELDS = ("id", "privPolyId", "listenport", "host", "heartbeat")
+
+
+def setup_proof(key, nonce, message):
+    """Return the proof of a SETUP: lowercase hex HMAC-SHA256 over nonce and fields.
+
+    The signed text is ``"rproxy-setup-1"``, the nonce, then the SETUP's ``id``,
+    ``privPolyId``, ``listenport``, ``host`` and ``heartbeat`` as JSON (absent
+    fields as ``null``), joined by newlines.
+
+    Args:
+        key: the policy's secret key, ``bytes``.
+        nonce: the nonce the proxy issued for this connection, ``str``.
+        message: the SETUP message (``dict``).
+    """
+    fields = [json.dumps(message.get(field), ensure_ascii=True) for field in _PROOF_FIELDS]
+    text = "\n".join(["rproxy-setup-1", nonce, *fields])
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def check_setup_proof(key, nonce, message):
+    """True when ``message["proof"]`` is the proof of ``message`` for ``key`` and ``nonce``.
+
+    Compares in constant time.
+    """
+    proof = message.get("proof")
+    if not isinstance(proof, str):
+        return False
+    return hmac.compare_digest(proof.encode("utf-8", "replace"),
+                               setup_proof(key, nonce, message).encode("ascii"))
+
+
+# --- Command lines (PROTOCOL.md section 5) -----------------------------------------
+
+def parse_port(text, allow_zero=True):
+    """Parse a TCP port number from ``text``; 0 (pick a free port) when ``allow_zero``.
+
+    Raises:
+        ValueError: ``text`` is not a port number; the message names it.
+    """
+    low = 0 if allow_zero else 1
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= 65535:
+        raise ValueError(f"'{text}' is not a port number from {low} to 65535")
+    return int(text)
+
+
+def parse_hostport(text, default_host="127.0.0.1"):
+    """Parse ``PORT`` or ``HOST:PORT`` (also ``[v6addr]:PORT``) into ``(host, port)``.
+
+    Raises:
+        ValueError: the text is not of that form; the message names it.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return default_host, parse_port(text, allow_zero=False)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"'{text}' has no host before the ':'")
+    return host, parse_port(port, allow_zero=False)

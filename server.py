@@ -1,0 +1,341 @@
+"""Upstream server: registers with the reverse proxy and answers DATA with its SHA-1.
+
+    python server.py -id ID -pp PPID -listen LPORT -revproc RPPORT
+
+It binds its data port first, then registers (SETUP) with the proxy and keeps that
+connection as its heartbeat session (PROTOCOL.md section 6): a PING every
+``-heartbeat`` seconds, and a new registration, after a growing pause, whenever the
+session is lost or the proxy is not up yet. Each data connection from the proxy gets
+a thread that answers every DATA frame with the ACK of section 2 and every PING with
+a PONG (the proxy's health check).
+
+On SIGTERM or Ctrl-C it leaves gracefully: it closes its session and waits for the
+proxy to close it too (so the proxy chooses it no more), answers the frames it has
+already received, and exits 0.
+"""
+
+import logging
+import sys
+import threading
+import time
+
+import netio
+import protocol
+from protocol import MessageType, show
+
+log = logging.getLogger("rproxy")
+packets = logging.getLogger("rproxy.packets")
+
+# Pauses between registration attempts, in seconds: doubled from the first to the
+# cap. The cap keeps "registered within 3 s of the proxy being up" (issue 3); Envoy's
+# default reconnect backoff is 0.5 s doubling to 5 s.
+FIRST_PAUSE = 0.1
+MAX_PAUSE = 1.0
+
+
+class RegistrationRefused(Exception):
+    """The proxy answered the SETUP with an ERROR; the text is that ERROR."""
+
+
+class SessionLost(Exception):
+    """The heartbeat session ended; the text says how."""
+
+
+class UpstreamServer(netio.FramedServer):
+    """The data side: one thread per connection from the proxy.
+
+    Args:
+        address: ``(host, port)`` to listen on; port 0 picks a free port.
+        server_id: this server's id (str), the ``srcid`` of its ACKs.
+        frame_timeout, idle_timeout: seconds, see ``netio.Connection.receive``.
+        **server_options: passed to ``netio.FramedServer``.
+    """
+
+    def __init__(self, address, server_id, *, frame_timeout=10.0, idle_timeout=300.0,
+                 **server_options):
+        super().__init__(address, **server_options)
+        self.server_id = server_id
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+
+    def handle_connection(self, conn):
+        """Answer every DATA with its ACK and every PING with a PONG, in order."""
+        try:
+            while True:
+                try:
+                    message = conn.next_message(self.idle_timeout, self.frame_timeout)
+                except netio.ConnectionTimeout as exc:
+                    log.info("closing connection from %s: %s", conn.peer, exc)
+                    return
+                if message is None:
+                    return
+                kind = message["type"]
+                if kind == MessageType.DATA:
+                    conn.send(self.answer(message))
+                elif kind == MessageType.PING:
+                    conn.send(protocol.pong())
+                else:
+                    conn.send(protocol.error(
+                        protocol.BAD_MESSAGE, f"a server answers DATA and PING, not "
+                        f"{kind.name} (type {kind.value})"))
+        except OSError:
+            pass
+
+    def answer(self, message):
+        """Return the ACK for one DATA message (PROTOCOL.md section 2)."""
+        reply = protocol.ack_for(self.server_id, message)
+        if packets.isEnabledFor(logging.INFO):
+            packets.info("Received a message from client %s payload: %s",
+                         show(message["srcid"]), show(message["payload"]))
+            packets.info("Sending a response to the client %s payload: %s",
+                         show(message["srcid"]), reply["payload"])
+        return reply
+
+
+class Registrar(threading.Thread):
+    """Keeps this server registered with the proxy (PROTOCOL.md sections 3 and 6).
+
+    Args:
+        proxy: ``(host, port)`` of the proxy.
+        setup_message: the SETUP to send (``protocol.setup(...)``), without proof.
+        key: the policy key (bytes) for a registration proof, or None.
+        tls: ``ssl.SSLContext`` for the connection to the proxy, or None.
+        connect_timeout: seconds for connecting and for each answer.
+    """
+
+    def __init__(self, proxy, setup_message, key=None, tls=None, connect_timeout=2.0):
+        super().__init__(name="registrar", daemon=True)
+        self.proxy = proxy
+        self.setup_message = setup_message
+        self.key = key
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.heartbeat = setup_message.get("heartbeat")
+        self.refused = None
+        self.on_refused = lambda: None
+        self._stopping = threading.Event()
+        self._session = None
+        self._lock = threading.Lock()
+
+    def run(self):
+        pause = FIRST_PAUSE
+        where = netio.format_address(self.proxy)
+        while not self._stopping.is_set():
+            try:
+                conn = netio.connect(*self.proxy, self.connect_timeout, tls=self.tls)
+            except OSError as exc:
+                log.info("Cannot reach the reverse proxy at %s (%s); retrying in %g s",
+                         where, netio.describe_error(exc), pause)
+            else:
+                try:
+                    self._register(conn)
+                    pause = FIRST_PAUSE
+                    if self.heartbeat is None:
+                        return
+                    self._keep_session(conn)
+                except RegistrationRefused as exc:
+                    self.refused = str(exc)
+                    self.on_refused()
+                    return
+                except (SessionLost, OSError, protocol.ProtocolError) as exc:
+                    if self._stopping.is_set():
+                        return
+                    log.info("Lost the session with the reverse proxy at %s (%s); "
+                             "registering again in %g s", where,
+                             netio.describe_error(exc) if isinstance(exc, OSError) else exc,
+                             pause)
+                finally:
+                    conn.close()
+            if self._stopping.wait(pause):
+                return
+            pause = min(pause * 2, MAX_PAUSE)
+
+    def _register(self, conn):
+        message = dict(self.setup_message)
+        conn.send(message)
+        answer = self._answer(conn)
+        if (answer["type"] == MessageType.ERROR and answer["code"] == protocol.UNAUTHORIZED
+                and isinstance(answer.get("nonce"), str) and self.key is not None):
+            message["nonce"] = answer["nonce"]
+            message["proof"] = protocol.setup_proof(self.key, answer["nonce"], message)
+            conn.send(message)
+            answer = self._answer(conn)
+        if answer["type"] == MessageType.ERROR:
+            hint = ""
+            if answer.get("nonce") is not None and self.key is None:
+                hint = " (the proxy requires a key: give -key-file)"
+            raise RegistrationRefused(f"{answer['code']}: {answer['message']}{hint}")
+        if answer["type"] != MessageType.REGISTERED:
+            raise protocol.MessageError(
+                f"the proxy answered SETUP with {answer['type'].name}, not REGISTERED")
+        with self._lock:
+            self._session = conn
+        log.info("Registered with the reverse proxy at %s as server id %s for privacy "
+                 "policy %s%s", netio.format_address(self.proxy), show(answer["id"]),
+                 show(answer["privPolyId"]),
+                 f" (heartbeat {self.heartbeat:g} s)" if self.heartbeat else "")
+
+    def _answer(self, conn):
+        answer = conn.receive(deadline=time.monotonic() + self.connect_timeout)
+        if answer is None:
+            raise SessionLost("the proxy closed the connection before answering SETUP")
+        return answer
+
+    def _keep_session(self, conn):
+        """PING every heartbeat; return never, raise SessionLost when the session ends."""
+        beat = self.heartbeat
+        last_heard = next_ping = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_ping:
+                conn.send(protocol.ping())
+                next_ping = now + beat
+            if now - last_heard > 3 * beat:
+                raise SessionLost(f"no answer to PING for {3 * beat:g} s (3 heartbeats)")
+            try:
+                message = conn.receive(idle_timeout=min(next_ping, last_heard + 3 * beat) - now)
+            except netio.ConnectionTimeout:
+                continue
+            if message is None:
+                raise SessionLost("the proxy closed the session")
+            last_heard = time.monotonic()
+            if message["type"] == MessageType.ERROR:
+                log.warning("The reverse proxy reported on the session: %s: %s",
+                            message["code"], message["message"])
+
+    def leave(self, timeout=2.0):
+        """Close the session and wait up to ``timeout`` seconds for the proxy to close
+        its side: from then on the proxy sends this server nothing new (section 6)."""
+        self._stopping.set()
+        with self._lock:
+            session = self._session
+        if session is not None:
+            try:
+                session.sock.shutdown(netio.socket.SHUT_WR)
+            except OSError:
+                pass
+        self.join(timeout)
+
+
+def read_key_file(path):
+    """Return the key of a key file: its first line that is not blank or a ``#``
+    comment, as bytes.
+
+    Raises:
+        ValueError: unreadable file or no key in it.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read key file '{path}': "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            return line.encode("utf-8")
+    raise ValueError(f"key file '{path}' holds no key")
+
+
+def build_parser():
+    parser = netio.ArgumentParser(
+        "Upstream server: registers with the reverse proxy for one privacy policy and "
+        "answers each DATA frame with the SHA-1 of its payload (PROTOCOL.md).")
+    parser.add_argument("-id", required=True, help="this server's id")
+    parser.add_argument("-pp", required=True, metavar="PPID",
+                        help="the privacy policy id this server serves")
+    parser.add_argument("-listen", type=netio.arg_port, default=0, metavar="LPORT",
+                        help="TCP port for data connections; 0 picks a free port")
+    parser.add_argument("-revproc", type=netio.arg_hostport, default=("127.0.0.1", 2100),
+                        metavar="RPPORT", help="the reverse proxy: PORT or HOST:PORT "
+                        "(default: 2100)")
+    parser.add_argument("-host", default="127.0.0.1",
+                        help="address to listen on, and to give the proxy unless it is "
+                             "0.0.0.0 (then the proxy uses the address it sees)")
+    parser.add_argument("-heartbeat", type=float, default=1.0, metavar="SECONDS",
+                        help="PING the proxy this often on a kept session; 0 registers "
+                             "the legacy way (no session)")
+    parser.add_argument("-key-file", metavar="FILE",
+                        help="file holding this policy's key, for proxies run with "
+                             "-policy-keys")
+    parser.add_argument("-max-frame", type=netio.arg_count, default=protocol.DEFAULT_MAX_FRAME,
+                        metavar="BYTES", help="largest frame body accepted")
+    parser.add_argument("-max-conns", type=netio.arg_count, default=1024, metavar="N",
+                        help="open connections allowed; more are answered OVERLOADED")
+    parser.add_argument("-frame-timeout", type=netio.arg_seconds, default=10.0,
+                        metavar="SECONDS", help="time a frame may take to arrive")
+    parser.add_argument("-idle-timeout", type=netio.arg_seconds, default=300.0,
+                        metavar="SECONDS", help="time a connection may stay idle between frames")
+    parser.add_argument("-quiet", action="store_true",
+                        help="do not print the two lines per packet")
+    parser.add_tls_options(
+        "serve TLS with this certificate (PEM), and show it to the proxy",
+        "CA (PEM) that checks the proxy: register over TLS")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parser.check_tls_pair(args)
+    if not (args.heartbeat >= 0 and args.heartbeat != float("inf")):
+        parser.error(f"argument -heartbeat: '{args.heartbeat}' is not a number of seconds "
+                     "(0 or more)")
+    netio.setup_logging()
+    if args.quiet:
+        packets.setLevel(logging.WARNING)
+    key = None
+    if args.key_file:
+        try:
+            key = read_key_file(args.key_file)
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
+        tls = proxy_tls = None
+        if args.tls_cert:
+            tls = netio.server_tls_context(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            proxy_tls = netio.client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot load TLS files: {netio.describe_error(exc)}")
+    log.info("Server running with id %s", show(args.id))
+    log.info("Server serving privacy policy %s", show(args.pp))
+    try:
+        server = UpstreamServer(
+            (args.host, args.listen), args.id, frame_timeout=args.frame_timeout,
+            idle_timeout=args.idle_timeout, max_frame=args.max_frame,
+            max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout)
+    except OSError as exc:
+        print(f"server.py: cannot listen on {args.host}:{args.listen}: "
+              f"{netio.describe_error(exc)}", file=sys.stderr)
+        return 1
+    log.info("Listening on port %d", server.port)
+    proxy_host, proxy_port = args.revproc
+    log.info("Connecting to the reverse proxy on port %d", proxy_port)
+    registrar = Registrar(
+        args.revproc,
+        protocol.setup(args.id, args.pp, server.port,
+                       host=None if args.host in ("0.0.0.0", "::", "") else args.host,
+                       heartbeat=args.heartbeat or None),
+        key=key, tls=proxy_tls)
+    stop = threading.Event()
+    registrar.on_refused = stop.set
+    registrar.start()
+
+    def leave():
+        if registrar.refused is None:
+            log.info("Stopping: leaving the proxy's rotation, then answering the frames "
+                     "already received")
+            registrar.leave()
+
+    netio.run_until_stopped(server, leave, stop)
+    if registrar.refused:
+        print(f"server.py: the reverse proxy refused registration: {registrar.refused}",
+              file=sys.stderr)
+        return 1
+    log.info("Server stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Test harness: real processes on 127.0.0.1, port 0, readiness read from their output.
+
+* ``Node`` runs one program (``reverse_proxy.py``, ``server.py``, ...) with its output
+  collected line by line; ``wait_for`` waits on a regular expression, bounded.
+* The ``nodes`` fixture starts nodes and kills whatever is left at the end of a test.
+* ``Wire`` is a raw framed socket for black-box tests: bytes or messages out,
+  messages in, every read bounded.
+* ``FakeServer`` is a scriptable upstream server in the test process (answer, delay,
+  never answer, close after N frames, wrong answer) for the fault cases.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import protocol  # noqa: E402
+
+PYTHON = sys.executable
+WAIT = 10.0  # seconds any single wait in a test may take before it fails
+
+
+class Node:
+    """One program run as a child process, its stdout and stderr merged and kept."""
+
+    def __init__(self, args, name=None):
+        self.args = [PYTHON, *args]
+        self.name = name or os.path.basename(args[0])
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = None
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self):
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern, timeout=WAIT, start=0):
+        """Wait for a line matching ``pattern`` (regex) among lines[start:]; return the
+        match. Fails the test with the output so far after ``timeout`` seconds."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[start:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    pytest.fail(f"{self.name}: no line matching {pattern!r} within "
+                                f"{timeout} s; output:\n" + "\n".join(self.lines[-40:]))
+                self._changed.wait(min(left, 0.2))
+
+    def count(self, pattern):
+        """How many output lines match ``pattern`` (regex) so far."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def signal(self, signum):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, timeout=WAIT):
+        """Wait for the process to exit; return its exit status."""
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return status
+
+    def stop(self, timeout=WAIT):
+        """SIGTERM, then wait; return the exit status."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        try:
+            self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class Nodes:
+    """Factory of nodes for one test; ``cleanup`` kills the ones still running."""
+
+    def __init__(self):
+        self.started = []
+
+    def start(self, *args, name=None):
+        node = Node([str(arg) for arg in args], name)
+        self.started.append(node)
+        return node
+
+    def proxy(self, *options, port=0):
+        """Start reverse_proxy.py with ``options``; wait until it prints its port."""
+        node = self.start("reverse_proxy.py", "-port", port, *options, name="proxy")
+        node.port = int(node.wait_for(r"Running the reverse proxy on port (\d+)").group(1))
+        return node
+
+    def server(self, server_id, policy, proxy_port, *options, listen=0, wait=True):
+        """Start server.py; wait until it is registered (unless ``wait`` is False)."""
+        node = self.start("server.py", "-id", server_id, "-pp", policy, "-listen", listen,
+                          "-revproc", proxy_port, *options, name=f"server {server_id}")
+        node.port = int(node.wait_for(r"Listening on port (\d+)").group(1))
+        if wait:
+            node.wait_for(r"Registered with the reverse proxy")
+        return node
+
+    def client(self, client_id, proxy_port, pktfile, *options):
+        """Start client.py; the caller waits for it."""
+        return self.start("client.py", "-id", client_id, "-revproc", proxy_port,
+                          "-pkt", pktfile, *options, name=f"client {client_id}")
+
+    def cleanup(self):
+        for node in self.started:
+            node.kill()
+
+
+@pytest.fixture
+def nodes():
+    group = Nodes()
+    yield group
+    group.cleanup()
+
+
+def run(*args, timeout=WAIT, stdin=None):
+    """Run a program to its end; return the CompletedProcess (text output)."""
+    return subprocess.run([PYTHON, *[str(arg) for arg in args]], cwd=ROOT, timeout=timeout,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL
+                          if stdin is None else stdin)
+
+
+class Wire:
+    """A raw framed TCP connection for black-box tests."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=WAIT):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self.decoder = protocol.FrameDecoder(1 << 30)
+
+    def send_bytes(self, data):
+        self.sock.sendall(data)
+
+    def send(self, message):
+        self.sock.sendall(protocol.encode_frame(message))
+
+    def send_body(self, body):
+        """Send ``body`` (bytes) as one well-framed frame."""
+        self.sock.sendall(len(body).to_bytes(4, "big") + body)
+
+    def receive(self, timeout=None):
+        """Return the next message as a plain dict (type an int), or None at EOF."""
+        self.sock.settimeout(timeout or self.timeout)
+        while True:
+            body = self.decoder.next_frame()
+            if body is not None:
+                return protocol.parse_message(body)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.decoder.feed(chunk)
+
+    def closed(self, timeout=None):
+        """True when the peer closes (EOF or reset) before sending anything more."""
+        self.sock.settimeout(timeout or self.timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def wires():
+    opened = []
+
+    def open_wire(port, **kwargs):
+        wire = Wire(port, **kwargs)
+        opened.append(wire)
+        return wire
+
+    yield open_wire
+    for wire in opened:
+        wire.close()
+
+
+class FakeServer:
+    """A scriptable upstream server on 127.0.0.1 in the test process.
+
+    ``behaviour(message, count)`` is called for each frame received (``count`` from 1)
+    and returns the message to answer, None to answer nothing, or the string
+    ``"close"`` to close the connection. The default answers like server.py.
+    ``received`` lists every message received.
+    """
+
+    def __init__(self, server_id="900", behaviour=None):
+        self.server_id = server_id
+        self.behaviour = behaviour or self.honest
+        self.received = []
+        self.count = 0
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._conns = []
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def honest(self, message, count):
+        if message["type"] == protocol.MessageType.PING:
+            return protocol.pong()
+        return protocol.ack_for(self.server_id, message)
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        decoder = protocol.FrameDecoder()
+        try:
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                decoder.feed(chunk)
+                while (body := decoder.next_frame()) is not None:
+                    message = protocol.parse_message(body)
+                    with self._lock:
+                        self.received.append(message)
+                        self.count += 1
+                        count = self.count
+                    answer = self.behaviour(message, count)
+                    if answer == "close":
+                        return
+                    if answer is not None:
+                        conn.sendall(protocol.encode_frame(answer))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def register(self, proxy_port, policy, heartbeat=None, server_id=None):
+        """Register with the proxy the legacy way (or with a session when
+        ``heartbeat``); return the registration Wire, left open."""
+        wire = Wire(proxy_port)
+        wire.send(protocol.setup(server_id or self.server_id, policy, self.port,
+                                 heartbeat=heartbeat))
+        answer = wire.receive()
+        assert answer["type"] == protocol.MessageType.REGISTERED, answer
+        return wire
+
+    def close(self):
+        self.listener.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def fake_servers():
+    made = []
+
+    def make(*args, **kwargs):
+        fake = FakeServer(*args, **kwargs)
+        made.append(fake)
+        return fake
+
+    yield make
+    for fake in made:
+        fake.close()
+
+
+def write_packets(tmp_path, name, packets):
+    """Write ``packets`` (list of dicts) as a JSON array file; return its path."""
+    import json
+    path = tmp_path / name
+    path.write_text(json.dumps(packets), encoding="utf-8")
+    return path
