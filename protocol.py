@@ -203,7 +203,8 @@ def encode_frame(message):
     Returns:
         bytes: the whole frame.
     """
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
     return _HEADER.pack(len(body)) + body
 
 
@@ -211,6 +212,13 @@ def encode_frame(message):
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
 
 
 def _check_text(value, field):
@@ -345,12 +353,22 @@ def parse_message(body):
     except UnicodeDecodeError as exc:
         raise MessageError(f"frame body is not valid UTF-8 (bad byte at offset {exc.start})") from None
     try:
-        message = json.loads(text, parse_constant=_reject_constant)
+        message = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise MessageError("frame body is JSON nested too deeply") from None
     except ValueError as exc:
         raise MessageError(f"frame body is not valid JSON: {exc}") from None
-    return validate_message(message)
+    validate_message(message)
+    # A "\ud800" escape anywhere (an unknown field, a key) decodes to a lone surrogate,
+    # which no frame can carry on; the cheap test on the text keeps this off the
+    # common path.
+    if "\\u" in text:
+        try:
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError("frame body holds a lone surrogate (\\ud800-\\udfff), "
+                               "which is not Unicode text") from None
+    return message
 
 
 def validate_message(message):

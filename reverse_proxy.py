@@ -96,7 +96,8 @@ class Rotation:
 
     ``choose`` returns the first eligible server at or after the cursor and moves the
     cursor past it, so with n eligible servers the k-th choice is server k mod n.
-    Not thread-safe: the ``Registry`` lock guards it.
+    The cursor may stand just past the last server: a server that joins then is the
+    next one chosen. Not thread-safe: the ``Registry`` lock guards it.
     """
 
     def __init__(self):
@@ -111,7 +112,7 @@ class Rotation:
             index = (self.cursor + step) % count
             upstream = order[index]
             if upstream.state == UP and upstream not in exclude:
-                self.cursor = (index + 1) % count
+                self.cursor = index + 1
                 return upstream
         return None
 
@@ -122,8 +123,6 @@ class Rotation:
         del self.order[index]
         if index < self.cursor:
             self.cursor -= 1
-        if self.cursor >= len(self.order):
-            self.cursor = 0
 
 
 class Registry:
@@ -265,7 +264,7 @@ class Registry:
         tuple in rotation order."""
         with self._lock:
             return [(policy, [(u.key, u.address, u.state, u.served,
-                               index == rotation.cursor)
+                               index == rotation.cursor % len(rotation.order))
                               for index, u in enumerate(rotation.order)])
                     for policy, rotation in self._rotations.items()]
 
@@ -628,7 +627,7 @@ class ReverseProxy(netio.FramedServer):
             lines.append(f"  privacy policy {show(policy)}:")
             for key, address, state, served, here in servers:
                 lines.append(f"    {'->' if here else '  '} server id {show(key)} at {address} "
-                             f"{state}, {served} packets served")
+                             f"{state}, packets served: {served}")
         return lines
 
     def stop(self):

@@ -101,9 +101,12 @@ class Registrar(threading.Thread):
         key: the policy key (bytes) for a registration proof, or None.
         tls: ``ssl.SSLContext`` for the connection to the proxy, or None.
         connect_timeout: seconds for connecting and for each answer.
+        on_refused: called (from this thread) when the proxy refuses the SETUP; the
+            refusal is then in ``refused``.
     """
 
-    def __init__(self, proxy, setup_message, key=None, tls=None, connect_timeout=2.0):
+    def __init__(self, proxy, setup_message, key=None, tls=None, connect_timeout=2.0,
+                 on_refused=lambda: None):
         super().__init__(name="registrar", daemon=True)
         self.proxy = proxy
         self.setup_message = setup_message
@@ -112,7 +115,7 @@ class Registrar(threading.Thread):
         self.connect_timeout = connect_timeout
         self.heartbeat = setup_message.get("heartbeat")
         self.refused = None
-        self.on_refused = lambda: None
+        self.on_refused = on_refused
         self._stopping = threading.Event()
         self._session = None
         self._lock = threading.Lock()
@@ -312,14 +315,13 @@ def main(argv=None):
     log.info("Listening on port %d", server.port)
     proxy_host, proxy_port = args.revproc
     log.info("Connecting to the reverse proxy on port %d", proxy_port)
+    stop = threading.Event()
     registrar = Registrar(
         args.revproc,
         protocol.setup(args.id, args.pp, server.port,
                        host=None if args.host in ("0.0.0.0", "::", "") else args.host,
                        heartbeat=args.heartbeat or None),
-        key=key, tls=proxy_tls)
-    stop = threading.Event()
-    registrar.on_refused = stop.set
+        key=key, tls=proxy_tls, on_refused=stop.set)
     registrar.start()
 
     def leave():
