@@ -427,7 +427,7 @@ def setup_logging():
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # Show "(default: ...)" only where there is a default worth reading.
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default in (None, False) or "(default:" in action.help:
             return action.help
         return super()._get_help_string(action)
 

@@ -403,7 +403,11 @@ class ReverseProxy(netio.FramedServer):
             pass
         finally:
             upstream = registration.upstream
-            if upstream is not None and upstream.session is conn:
+            # While the proxy stops, sessions close together with client connections;
+            # the servers stay in their rotations so that the frames already received
+            # are still answered.
+            if (upstream is not None and upstream.session is conn
+                    and not self.stopping.is_set()):
                 if self.registry.end_session(upstream):
                     log.info("server id %s of privacy policy %s left: its session closed",
                              show(upstream.id), show(upstream.policy))

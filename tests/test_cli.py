@@ -113,8 +113,6 @@ def test_help_exits_0_and_lists_every_option(program):
     no_traceback(result)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: -revproc help shows its default twice, "
-                   "the second time as a Python tuple")
 @pytest.mark.parametrize("program", ["server.py", "client.py"])
 def test_help_shows_defaults_once_and_without_python_reprs(program):
     result = run(program, "--help")

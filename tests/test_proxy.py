@@ -353,13 +353,16 @@ def test_unknown_fields_of_data_are_passed_to_the_server(served, wires):
     assert received["type"] == 0 and received["srcid"] == "c1" and received["payload"] == "x"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: the proxy re-encodes 1e400 as Infinity "
-                   "(not JSON) and server.py rejects the forwarded frame with BAD_MESSAGE")
-def test_unknown_number_field_out_of_float_range_is_passed_on_as_json(nodes, wires):
+def test_number_out_of_float_range_is_refused_with_bad_message(nodes, wires):
+    # 1e400 cannot be passed on as JSON (it would become Infinity), so the proxy
+    # refuses it up front instead of forwarding a frame the server cannot read.
     proxy = nodes.proxy()
     nodes.server("100", "111", proxy.port)
     wire = wires(proxy.port)
     wire.send_body(b'{"type":0,"srcid":"c1","privPoliId":"111","payload":"x","big":1e400}')
+    assert recv(wire) == {"type": 3, "code": "BAD_MESSAGE",
+                          "message": "frame body is not valid JSON: number 1e400 is out of range"}
+    wire.send_bytes(encode(data("c1", "111", "x")))
     assert recv(wire) == ack("100", "c1", "x")
 
 
