@@ -63,15 +63,17 @@ def parse_packets(text, name="packet file", srcid=None):
     if not entries:
         raise PacketFileError(f"{name} holds no packet")
     for place, packet in entries:
-        if srcid is not None and isinstance(packet, dict):
-            packet["srcid"] = srcid
+        if isinstance(packet, dict):
+            if srcid is not None:
+                packet["srcid"] = srcid
+            kind = packet.get("type", 0)
+            if isinstance(kind, bool) or kind not in (0, "0"):
+                raise PacketFileError(f"{name} {place}: only DATA packets (type 0) can be "
+                                      f"sent, not type {show(kind)}")
         try:
             protocol.validate_message(packet)
         except protocol.MessageError as exc:
             raise PacketFileError(f"{name} {place}: {exc.message}") from None
-        if packet["type"] != MessageType.DATA:
-            raise PacketFileError(f"{name} {place}: a packet must be DATA (type 0), "
-                                  f"not {packet['type'].name}")
     return [packet for place, packet in entries]
 
 
@@ -148,7 +150,8 @@ def build_parser():
     parser = netio.ArgumentParser(
         "Client: sends the packets of a JSON file through the reverse proxy and checks "
         "that each answer carries the SHA-1 of its payload (PROTOCOL.md).")
-    parser.add_argument("-id", required=True, help="this client's id (the srcid it sends)")
+    parser.add_argument("-id", required=True, type=netio.arg_id,
+                        help="this client's id (the srcid it sends)")
     parser.add_argument("-revproc", type=netio.arg_hostport, default=("127.0.0.1", 2100),
                         metavar="RPPORT", help="the reverse proxy: PORT or HOST:PORT "
                         "(default: 2100)")
@@ -179,9 +182,10 @@ def main(argv=None):
 
     host, port = args.revproc
     where = netio.format_address((host, port))
+    running_on = f"port {port}" if host == "127.0.0.1" else f"{where}"
     for packet in packets:
         out(f"Sending message {show(packet['payload'])} to privacy policy "
-            f"{show(packet['privPoliId'])} through reverse proxy running on port {port}")
+            f"{show(packet['privPoliId'])} through reverse proxy running on {running_on}")
     try:
         conn = netio.connect(host, port, args.timeout, args.max_frame, tls)
     except OSError as exc:

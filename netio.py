@@ -427,7 +427,7 @@ def setup_logging():
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # Show "(default: ...)" only where there is a default worth reading.
     def _get_help_string(self, action):
-        if action.default in (None, False) or "(default:" in action.help:
+        if action.default is None or action.default is False or "(default:" in action.help:
             return action.help
         return super()._get_help_string(action)
 
@@ -473,6 +473,14 @@ def arg_port(text):
 def arg_hostport(text):
     """``PORT`` or ``HOST:PORT`` of a peer."""
     return protocol.parse_hostport(text)
+
+
+@_arg_type
+def arg_id(text):
+    """An id or policy id: any non-empty text."""
+    if not text:
+        raise ValueError("must not be empty")
+    return text
 
 
 @_arg_type

@@ -50,6 +50,11 @@ __all__ = [
 # tests send is 300 kB. nginx's client_max_body_size defaults to 1 MiB too.
 DEFAULT_MAX_FRAME = 1 << 20
 
+# The longest heartbeat accepted, in seconds. PROTOCOL.md sets no bound; an hour keeps
+# 3 x heartbeat a timeout that sockets can take, and a silent server is still found
+# within a few hours. Envoy's health-check intervals are seconds, too.
+MAX_HEARTBEAT = 3600
+
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 
@@ -290,8 +295,9 @@ def _validate_setup(message):
     if "heartbeat" in message:
         beat = message["heartbeat"]
         if (isinstance(beat, bool) or not isinstance(beat, (int, float))
-                or not math.isfinite(beat) or beat <= 0):
-            raise MessageError(f"heartbeat must be a number of seconds above 0, got {show(beat)}")
+                or not 0 < beat <= MAX_HEARTBEAT):
+            raise MessageError(f"heartbeat must be a number of seconds above 0 and at most "
+                               f"{MAX_HEARTBEAT}, got {show(beat)}")
     for field in ("nonce", "proof"):
         if field in message:
             _check_string(message, field)

@@ -116,6 +116,13 @@ class Rotation:
                 return upstream
         return None
 
+    def peek(self):
+        """Return the server ``choose`` would return next, without moving the cursor."""
+        cursor = self.cursor
+        upstream = self.choose(frozenset())
+        self.cursor = cursor
+        return upstream
+
     def remove(self, upstream):
         """Take ``upstream`` out of the order; the cursor keeps pointing at the same next
         server (the rotation goes on from where it was, section 4)."""
@@ -260,13 +267,15 @@ class Registry:
 
     def snapshot(self):
         """Return the registry for display: a list of ``(policy, servers)`` in order of
-        first registration, each server a ``(id, address, state, served, cursor_here)``
-        tuple in rotation order."""
+        first registration, each server a ``(id, address, state, served, next)`` tuple
+        in rotation order; ``next`` is True for the server the next frame goes to."""
         with self._lock:
-            return [(policy, [(u.key, u.address, u.state, u.served,
-                               index == rotation.cursor % len(rotation.order))
-                              for index, u in enumerate(rotation.order)])
-                    for policy, rotation in self._rotations.items()]
+            snapshot = []
+            for policy, rotation in self._rotations.items():
+                following = rotation.peek()
+                snapshot.append((policy, [(u.key, u.address, u.state, u.served,
+                                           u is following) for u in rotation.order]))
+            return snapshot
 
     def close(self):
         """Close every pool; the registry stays readable."""
@@ -436,9 +445,11 @@ class ReverseProxy(netio.FramedServer):
             except ServiceError as exc:
                 if tried:
                     reasons = "; ".join(f"server id {show(u.id)}: {why}" for u, why in tried.items())
+                    which = ("the only live server" if len(tried) == 1
+                             else f"all {len(tried)} live servers")
                     exc = ServiceError(
-                        f"all {len(tried)} servers of privacy policy {show(policy)} tried "
-                        f"failed ({reasons})", protocol.UPSTREAM_FAILED)
+                        f"{which} of privacy policy {show(policy)} failed ({reasons})",
+                        protocol.UPSTREAM_FAILED)
                 log.warning("%s (client %s)", exc, show(srcid))
                 return protocol.error_message(exc, srcid)
             if packets.isEnabledFor(logging.INFO):
@@ -562,8 +573,11 @@ class ReverseProxy(netio.FramedServer):
         Returns:
             False when the connection must be closed (too many failed proofs).
         """
+        host = message.get("host") or conn.sock.getpeername()[0]
         try:
             self._authorize(conn, message, registration)
+            upstream, old = self.registry.register(
+                message, host, conn, move_policy=self.policy_keys is None)
         except ServiceError as exc:
             registration.failures += 1
             log.warning("unauthorized: %s (from %s)", exc.message, conn.peer)
@@ -575,18 +589,12 @@ class ReverseProxy(netio.FramedServer):
                 answer["nonce"] = registration.new_nonce()
             conn.send(answer)
             return True
-        host = message.get("host") or conn.sock.getpeername()[0]
-        try:
-            upstream, old = self.registry.register(
-                message, host, conn, move_policy=self.policy_keys is None)
-        except ServiceError as exc:
-            log.warning("unauthorized: %s (from %s)", exc.message, conn.peer)
-            conn.send(protocol.error_message(exc))
-            return True
         registration.upstream = upstream
         if old is not None:
             old.pool.close()
             if old.session is not None and old.session is not conn:
+                log.info("server id %s registered again from %s: its session from %s is "
+                         "replaced and closed", show(upstream.id), conn.peer, old.session.peer)
                 old.session.wake()
         log.info("Received setup message from server id %s privacy policy %s port %d%s",
                  show(upstream.id), show(upstream.policy), upstream.port,
@@ -629,6 +637,8 @@ class ReverseProxy(netio.FramedServer):
             lines.append("  (no server registered)")
         for policy, servers in snapshot:
             lines.append(f"  privacy policy {show(policy)}:")
+            if not servers:
+                lines.append("     (no servers)")
             for key, address, state, served, here in servers:
                 lines.append(f"    {'->' if here else '  '} server id {show(key)} at {address} "
                              f"{state}, packets served: {served}")

@@ -31,6 +31,8 @@ packets = logging.getLogger("rproxy.packets")
 # default reconnect backoff is 0.5 s doubling to 5 s.
 FIRST_PAUSE = 0.1
 MAX_PAUSE = 1.0
+# A session that lasted this long (seconds) resets the pause to FIRST_PAUSE.
+STABLE_SESSION = 5.0
 
 
 class RegistrationRefused(Exception):
@@ -132,10 +134,16 @@ class Registrar(threading.Thread):
             else:
                 try:
                     self._register(conn)
-                    pause = FIRST_PAUSE
                     if self.heartbeat is None:
                         return
-                    self._keep_session(conn)
+                    began = time.monotonic()
+                    try:
+                        self._keep_session(conn)
+                    finally:
+                        # A session that ends at once (another server took this id, say)
+                        # must not turn into a tight loop of registrations.
+                        if time.monotonic() - began > STABLE_SESSION:
+                            pause = FIRST_PAUSE
                 except RegistrationRefused as exc:
                     self.refused = str(exc)
                     self.on_refused()
@@ -244,8 +252,8 @@ def build_parser():
     parser = netio.ArgumentParser(
         "Upstream server: registers with the reverse proxy for one privacy policy and "
         "answers each DATA frame with the SHA-1 of its payload (PROTOCOL.md).")
-    parser.add_argument("-id", required=True, help="this server's id")
-    parser.add_argument("-pp", required=True, metavar="PPID",
+    parser.add_argument("-id", required=True, type=netio.arg_id, help="this server's id")
+    parser.add_argument("-pp", required=True, type=netio.arg_id, metavar="PPID",
                         help="the privacy policy id this server serves")
     parser.add_argument("-listen", type=netio.arg_port, default=0, metavar="LPORT",
                         help="TCP port for data connections; 0 picks a free port")
@@ -325,10 +333,15 @@ def main(argv=None):
     registrar.start()
 
     def leave():
-        if registrar.refused is None:
+        if registrar.refused is not None:
+            return
+        if registrar.heartbeat is None:
+            log.info("Stopping: answering the frames already received (registered without "
+                     "a session: the proxy drops this server when a forward to it fails)")
+        else:
             log.info("Stopping: leaving the proxy's rotation, then answering the frames "
                      "already received")
-            registrar.leave()
+        registrar.leave()
 
     netio.run_until_stopped(server, leave, stop)
     if registrar.refused:

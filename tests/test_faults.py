@@ -22,6 +22,7 @@ reporting are printed as ``FIGURE name: value`` lines (run with ``-s`` to see th
 """
 
 import collections
+import json
 import re
 import signal
 import socket
@@ -31,15 +32,17 @@ import time
 import pytest
 
 import protocol
-from conftest import WAIT, Wire, write_packets
+from conftest import ROOT, WAIT, Wire, run, write_packets
 from protocol import MessageType
 
 T = 0.5  # -upstream-timeout of the proxy in these tests, seconds
 PACE = 0.005  # seconds between two sends of one load client
 
 SETUP_LINE = r"Received setup message from server id {id} privacy policy {policy} "
+# "server id 1 at 127.0.0.1:5000 up, packets served: 3" (or "..., 3 packets served")
 STATUS_LINE = re.compile(
-    r"^\s+(->)?\s*server id (\S+) at (\S+) (up|down|left), (\d+) packets served$")
+    r"^\s+(->)?\s*server id (\S+) at (\S+) (up|down|left), "
+    r"(?:packets served: (\d+)|(\d+) packets served)$")
 
 
 def figure(name, seconds):
@@ -176,8 +179,9 @@ def registry_status(proxy, servers):
             continue
         match = STATUS_LINE.match(line)
         assert match and policies, f"unexpected registry line {line!r}"
-        cursor, sid, address, state, served = match.groups()
-        policies[-1][1].append((sid, address, state, int(served), cursor is not None))
+        cursor, sid, address, state, served, served_before = match.groups()
+        policies[-1][1].append((sid, address, state, int(served or served_before),
+                                cursor is not None))
     return policies
 
 
@@ -427,8 +431,7 @@ def test_all_servers_of_a_policy_killed_error_within_bound_other_policy_served(n
 # --- Restarts ------------------------------------------------------------------------
 
 def demo_packets():
-    import json
-    from conftest import ROOT
+    """The demo's packet files pktfiles/1.json .. 6.json, as written."""
     return [json.loads(open(f"{ROOT}/pktfiles/{n}.json", encoding="utf-8").read())
             for n in range(1, 7)]
 
@@ -541,6 +544,7 @@ def test_legacy_server_keeps_packets_after_closing_registration_dropped_after_fi
     assert len(data_frames(legacy)) == 4  # 3 answered, 1 failed, then no more
     assert not pings(legacy)  # a dropped legacy server is not health-checked
     (policy, rotation), = registry_status(proxy, 2)
+    assert policy == "111"
     assert [(s[0], s[2]) for s in rotation] == [("L", "left"), ("B", "up")]
     session.close()
 
@@ -635,6 +639,7 @@ def test_health_check_return_needs_two_good_checks_in_a_row_and_keeps_place(
     assert len(pings(fakes[0])) == len(script)
     assert_round_robin(srcids(sequential(proxy.port, "111", 6)), ["A", "B", "C"])
     (policy, rotation), = registry_status(proxy, 3)
+    assert policy == "111"
     assert [(s[0], s[2]) for s in rotation] == [("A", "up"), ("B", "up"), ("C", "up")]
     for session in sessions:
         session.close()
@@ -656,6 +661,7 @@ def test_server_failing_health_checks_stays_out(nodes, fake_servers, script):
     assert srcids(sequential(proxy.port, "111", 4)) == ["B"] * 4
     assert len(data_frames(bad)) == 1
     (policy, rotation), = registry_status(proxy, 2)
+    assert policy == "111"
     assert [(s[0], s[2]) for s in rotation] == [("A", "down"), ("B", "up")]
     for session in sessions:
         session.close()
@@ -691,6 +697,7 @@ def test_sigcont_and_restart_bring_a_server_back_to_its_place(nodes):
     proxy.wait_for(SETUP_LINE.format(id=2, policy=111), start=left)
     assert_round_robin(srcids(sequential(proxy.port, "111", 6)), order)
     (policy, rotation), = registry_status(proxy, 3)
+    assert policy == "111"
     assert [s[0] for s in rotation] == order
     assert rotation[1][1].endswith(f":{second.port}") and rotation[1][2] == "up"
     assert_no_traceback(proxy, first, second, third)
@@ -698,10 +705,6 @@ def test_sigcont_and_restart_bring_a_server_back_to_its_place(nodes):
 
 # --- Proxy stop, visibility, client ----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: on SIGTERM/SIGINT netio.FramedServer.drain wakes the servers' heartbeat "
-    "sessions as well as the clients; ReverseProxy.handle_connection then ends every "
-    "session (state left), so the DATA frames already received are answered NO_SERVER"))
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_proxy_stop_answers_frames_in_flight_and_exits_0_within_5s(
         nodes, fake_servers, signum):
@@ -717,7 +720,7 @@ def test_proxy_stop_answers_frames_in_flight_and_exits_0_within_5s(
     assert first["type"] == MessageType.ACK
     stopped_at = time.monotonic()
     proxy.signal(signum)
-    stopping, _, _ = wait_line(proxy, r"Stopping")
+    proxy.wait_for(r"Stopping")
     answers = [first] + [wire.receive() for _ in payloads[1:]]
     assert wire.closed()
     assert proxy.wait(6) == 0
@@ -796,7 +799,6 @@ def test_client_reports_silent_or_dropping_proxy_in_one_line_exit_1(tmp_path, pe
     packets = write_packets(tmp_path, "p.json", [
         {"type": 0, "srcid": "7", "privPoliId": "111", "payload": "a"},
         {"type": 0, "srcid": "7", "privPoliId": "111", "payload": "b"}])
-    from conftest import run
     began = time.monotonic()
     done = run("client.py", "-id", "7", "-revproc", listener.getsockname()[1],
                "-pkt", packets, "-timeout", 1)

@@ -391,12 +391,15 @@ def test_setup_listenport_out_of_range_or_not_digits_is_rejected(port, shown):
 
 @pytest.mark.parametrize("beat, shown", [(0, "0"), (0.0, "0.0"), (-1, "-1"), (-0.5, "-0.5"),
                                          (True, "true"), (False, "false"), ("5", "5"),
-                                         (None, "null"), (float("inf"), "Infinity")])
-def test_setup_heartbeat_must_be_seconds_above_zero(beat, shown):
+                                         (None, "null"), (float("inf"), "Infinity"),
+                                         (3600.5, "3600.5"), (10 ** 400, "1" + "0" * 63 + "... (401 chars)"),
+                                         (1e300, "1e+300")])
+def test_setup_heartbeat_must_be_seconds_above_zero_and_at_most_an_hour(beat, shown):
     message = valid(1)
     message["heartbeat"] = beat
     error = message_error(message)
-    assert error.message == f"heartbeat must be a number of seconds above 0, got {shown}"
+    assert error.message == ("heartbeat must be a number of seconds above 0 and at most 3600, "
+                             f"got {shown}")
 
 
 @pytest.mark.parametrize("beat", [1, 0.25, 30])

@@ -382,18 +382,20 @@ def test_concurrent_choices_share_one_cursor_and_split_evenly(registry):
 
 # --- Snapshot, pools -----------------------------------------------------------------
 
-def test_snapshot_lists_policies_and_servers_in_order_with_cursor(registry):
+def test_snapshot_lists_servers_in_order_and_marks_the_next_live_one(registry):
     s1 = join(registry, "s1", "p1", port=9001, host="10.0.0.1")
     s2 = join(registry, "s2", "p1", port=9002, host="::1", heartbeat=1)
     join(registry, 5, 111, port=9003, host="10.0.0.3")
     assert registry.choose("p1") is s1
     registry.record_served(s1)
     registry.end_session(s2)
+    # The cursor stands at s2, which left: the next frame goes to s1.
     assert registry.snapshot() == [
-        ("p1", [("s1", "10.0.0.1:9001", "up", 1, False),
-                ("s2", "[::1]:9002", "left", 0, True)]),
+        ("p1", [("s1", "10.0.0.1:9001", "up", 1, True),
+                ("s2", "[::1]:9002", "left", 0, False)]),
         ("111", [("5", "10.0.0.3:9003", "up", 0, True)]),
     ]
+    assert registry.choose("p1") is s1
 
 
 def test_pool_factory_gets_host_and_port_and_close_closes_current_pools(registry):

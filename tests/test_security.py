@@ -8,10 +8,10 @@ a sleep only paces bytes a test sends on purpose (a slow client), never to wait 
 state. Certificates are made at run time with the openssl command.
 """
 
+import collections
 import hashlib
 import json
 import os
-import random
 import re
 import resource
 import shutil
@@ -58,7 +58,8 @@ def assert_clean_log(node):
 
 
 def read_until_eof(sock, timeout=WAIT):
-    """Read every frame until the peer closes; return (messages, raw leftover bytes).
+    """Read every frame until the peer closes; return (messages, partial) where
+    ``partial`` is True if the stream ended inside a frame.
 
     Messages are plain dicts (``parse_message``); a body that does not parse is
     returned as its raw bytes so that the caller's assertion shows it.
@@ -76,7 +77,7 @@ def read_until_eof(sock, timeout=WAIT):
         except (ConnectionResetError, BrokenPipeError):
             chunk = b""
         if not chunk:
-            return messages, bytes(decoder._buffer)
+            return messages, decoder.in_frame
         decoder.feed(chunk)
         while (body := decoder.next_frame()) is not None:
             try:
@@ -259,9 +260,10 @@ def test_fuzz_random_and_mutated_frames_then_good_client_served(nodes, closed_po
     proxy = nodes.proxy()
     bystander = Wire(proxy.port)  # opened before the attack, used after it
     connections = [0]
+    seen = collections.Counter()
     started = time.monotonic()
 
-    @settings(max_examples=120, deadline=None, database=None, derandomize=False,
+    @settings(max_examples=900, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck))
     @given(st.lists(st.lists(hostile_chunk(closed_port), min_size=1, max_size=6),
                     min_size=1, max_size=8))
@@ -282,13 +284,14 @@ def test_fuzz_random_and_mutated_frames_then_good_client_served(nodes, closed_po
                 senders.append(threading.Thread(target=send, daemon=True))
                 senders[-1].start()
             for sock, stream, sender in zip(socks, streams, senders):
-                answers, leftover = read_until_eof(sock)
+                answers, partial = read_until_eof(sock)
                 sender.join(WAIT)
                 owed, fatal = expected_answers(stream)
-                assert leftover == b"", leftover[:100]
+                assert not partial, answers
                 assert len(answers) == owed, (answers, stream[:300])
                 for answer in answers:
                     assert isinstance(answer, dict), answer
+                    seen[answer.get("code", answer["type"].name)] += 1
                     assert answer["type"] in ANSWER_TYPES, answer
                     if answer["type"] == protocol.MessageType.ERROR:
                         assert answer["code"] in FUZZ_CODES, answer
@@ -300,7 +303,9 @@ def test_fuzz_random_and_mutated_frames_then_good_client_served(nodes, closed_po
 
     attack()
     fuzz_seconds = time.monotonic() - started
-    assert connections[0] >= 120
+    assert connections[0] >= 900
+    # The attack reached every kind of answer, not only framing errors.
+    assert {"BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER"} <= set(seen), seen
 
     server = nodes.server("good-srv", GOOD_POLICY, proxy.port)
     wire = Wire(proxy.port)
@@ -316,7 +321,8 @@ def test_fuzz_random_and_mutated_frames_then_good_client_served(nodes, closed_po
     assert proxy.proc.poll() is None
     assert_clean_log(proxy)
     assert_clean_log(server)
-    print(f"fuzz: {connections[0]} hostile connections in {fuzz_seconds:.1f} s")
+    print(f"fuzz: {connections[0]} hostile connections in {fuzz_seconds:.1f} s; "
+          f"answers {dict(seen)}")
     wire.close()
     bystander.close()
 
@@ -366,7 +372,8 @@ def test_heartbeat_huge_integer(nodes, wires, program):
 
 @pytest.mark.xfail(strict=True, reason="product bug: heartbeat 1e300 is accepted, then "
                    "the session's settimeout(3e300) raises OverflowError: the session "
-                   "dies with 'internal error' instead of a BAD_MESSAGE (or a working session)")
+                   "dies with 'internal error' instead of a BAD_MESSAGE (or a working "
+                   "session)")
 def test_heartbeat_out_of_range_float(nodes, wires, closed_port):
     proxy = nodes.proxy()
     wire = wires(proxy.port)
@@ -435,6 +442,7 @@ def wrong_type_cases():
         for field in fields:
             message = {k: v for k, v in VALID[kind].items() if k != field}
             cases.append((f"{kind} without {field}", json.dumps(message).encode(), field))
+    cases.append(("no type", json.dumps({"srcid": "c", "payload": "x"}).encode(), "type"))
     for kind in VALID:
         for value in BAD_TYPE:
             message = dict(VALID[kind], type=value)
@@ -479,8 +487,8 @@ def test_connection_cap_answers_overloaded_once_then_serves_again(nodes, wires):
         assert wire.receive()["payload"] == sha1("in")
         held.append(wire)
     extra = wires(proxy.port)
-    answers, leftover = read_until_eof(extra.sock)
-    assert leftover == b""
+    answers, partial = read_until_eof(extra.sock)
+    assert not partial
     assert [(a["type"], a["code"]) for a in answers] == [(3, "OVERLOADED")]
     assert "20 connections" in answers[0]["message"]
     proxy.wait_for(r"refusing connection from 127\.0\.0\.1:\d+: 20 connections open")
@@ -512,7 +520,7 @@ def test_stalled_frame_gets_timeout_and_close(nodes, wires):
     body = json.dumps(data("s", "none", "never finished")).encode()
     started = time.monotonic()
     stalled.send_bytes(frame(body)[:10])
-    answers, leftover = read_until_eof(stalled.sock, timeout=5)
+    answers, partial = read_until_eof(stalled.sock, timeout=5)
     elapsed = time.monotonic() - started
     assert [(a["type"], a["code"]) for a in answers] == [(3, "TIMEOUT")]
     assert 0.9 <= elapsed <= 2.5, elapsed
@@ -524,7 +532,7 @@ def test_stalled_frame_gets_timeout_and_close(nodes, wires):
 
 
 def test_trickled_frame_times_out_as_a_whole(nodes, wires):
-    """A slow client sending one byte every 0.2 s cannot keep a frame open forever:
+    """A slow client sending one byte every 0.3 s cannot keep a frame open forever:
     the frame timeout counts from the frame's first byte."""
     proxy = nodes.proxy("-frame-timeout", 1)
     wire = wires(proxy.port)
@@ -539,28 +547,74 @@ def test_trickled_frame_times_out_as_a_whole(nodes, wires):
                 wire.sock.send(bytes([byte]))
             except OSError:
                 return
-            time.sleep(0.2)  # pacing the slow client, not waiting for a state
+            stop.wait(0.3)  # pacing the slow client; no byte lands on the deadline
 
     started = time.monotonic()
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
-        answers, _ = read_until_eof(wire.sock, timeout=5)
+        answer = wire.receive(timeout=5)
+        elapsed = time.monotonic() - started
     finally:
         stop.set()
-    elapsed = time.monotonic() - started
-    assert [a["code"] for a in answers] == ["TIMEOUT"]
-    assert 0.9 <= elapsed <= 2.5, elapsed
+    assert answer["code"] == "TIMEOUT", answer
+    assert 0.9 <= elapsed <= 2.0, elapsed
+    assert read_until_eof(wire.sock, timeout=5) == ([], False)
     sender.join(WAIT)
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: netio.Connection.receive computes a "
+                   "remaining frame time of 0.0 when a byte lands on the deadline, and "
+                   "settimeout(0.0) makes the socket non-blocking: recv raises "
+                   "BlockingIOError and the connection is closed with no TIMEOUT and no log")
+def test_byte_landing_on_the_frame_deadline_still_gets_timeout(nodes):
+    """Slow clients whose bytes keep coming, 1 ms apart, across the frame deadline."""
+    proxy = nodes.proxy("-frame-timeout", 1)
+    whole = frame(json.dumps(data("s", "none", "z" * 1000)).encode())
+    results = []
+
+    def slow_client():
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as sock:
+            sock.sendall(whole[:1])
+            started = time.monotonic()
+            stop = threading.Event()
+
+            def trickle():
+                stop.wait(0.9)  # pacing: the dense part straddles the 1 s deadline
+                for index in range(1, len(whole)):
+                    if stop.is_set() or time.monotonic() - started > 1.15:
+                        return
+                    try:
+                        sock.send(whole[index:index + 1])
+                    except OSError:
+                        return
+                    stop.wait(0.001)
+
+            sender = threading.Thread(target=trickle, daemon=True)
+            sender.start()
+            try:
+                answers, _ = read_until_eof(sock, timeout=5)
+            finally:
+                stop.set()
+            sender.join(WAIT)
+            results.append([a["code"] for a in answers if isinstance(a, dict)])
+
+    clients = [threading.Thread(target=slow_client) for _ in range(12)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(WAIT)
+    assert results == [["TIMEOUT"]] * 12
+    assert proxy.count(r"timed out waiting for the rest of a frame") == 12
 
 
 def test_idle_connection_closed_silently(nodes, wires):
     proxy = nodes.proxy("-idle-timeout", 1)
     idle = wires(proxy.port)
     started = time.monotonic()
-    answers, leftover = read_until_eof(idle.sock, timeout=5)
+    answers, partial = read_until_eof(idle.sock, timeout=5)
     elapsed = time.monotonic() - started
-    assert (answers, leftover) == ([], b"")
+    assert (answers, partial) == ([], False)
     assert 0.9 <= elapsed <= 2.5, elapsed
     # Idle after an answered frame: closed too; a connection that keeps talking is not.
     after = wires(proxy.port)
@@ -571,7 +625,7 @@ def test_idle_connection_closed_silently(nodes, wires):
         busy.send(data("b", "none", "x"))
         assert busy.receive()["code"] == "NO_SERVER"
         time.sleep(0.4)  # pacing a client that talks every 0.4 s, under the timeout
-    assert read_until_eof(after.sock, timeout=5) == ([], b"")
+    assert read_until_eof(after.sock, timeout=5) == ([], False)
     busy.send(data("b", "none", "still open"))
     assert busy.receive()["code"] == "NO_SERVER"
     assert_clean_log(proxy)
@@ -662,10 +716,25 @@ def hammer(port, count, kinds, policy):
 
 def check_release(pid, port, kinds, policy, label):
     base = proc_counts(pid)
-    done = hammer(port, 2000, kinds, policy)
+    peak = list(base)
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.02):
+            counts = proc_counts(pid)
+            peak[:] = [max(peak[0], counts[0]), max(peak[1], counts[1])]
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        done = hammer(port, 2000, kinds, policy)
+    finally:
+        stop.set()
+        sampler.join(WAIT)
     assert sum(done.values()) == 2000
     after = wait_counts(pid, lambda c: c[0] <= base[0] + 5 and c[1] <= base[1] + 5)
-    print(f"{label}: threads {base[0]} -> {after[0]}, fds {base[1]} -> {after[1]} "
+    print(f"{label}: threads {base[0]} -> peak {peak[0]} -> {after[0]}, fds {base[1]} -> "
+          f"peak {peak[1]} -> {after[1]} "
           f"after 2000 connections {done}")
     return base, after
 
@@ -925,9 +994,9 @@ def test_three_refused_setups_close_the_connection(nodes, keyed, wires, closed_p
     wire.send(proven(setup, b"wrong", nonce))           # refusal 2
     nonce = wire.receive()["nonce"]
     wire.send(proven(setup, b"wrong", nonce))           # refusal 3
-    answers, leftover = read_until_eof(wire.sock)
+    answers, partial = read_until_eof(wire.sock)
     assert [a["code"] for a in answers] == ["UNAUTHORIZED"]
-    assert leftover == b""
+    assert not partial
     assert served_by(proxy.port, "pA", 1) == ["NO_SERVER"]
 
 
@@ -1037,6 +1106,7 @@ def test_tls_client_against_plain_proxy_fails_in_one_line(nodes, pki, tmp_path):
                "-tls-ca", pki["ca.pem"])
     line = one_line_failure(done)
     assert "TLS" in line, line
+    print(f"TLS client, plain proxy: {line}")
     assert ask(proxy.port, data("5", "tp", "plain"))["code"] == "NO_SERVER"
     assert proxy.proc.poll() is None
     assert_clean_log(proxy)
@@ -1047,12 +1117,23 @@ def test_plain_client_against_tls_proxy_fails_in_one_line(nodes, pki, tmp_path):
     tls_server(nodes, pki, "t1", "tp", proxy.port)
     pkt = write_packets(tmp_path, "t.json", [data("5", "tp", "xyz1")])
     done = run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt)
-    one_line_failure(done)
-    proxy.wait_for(r"connection from 127\.0\.0\.1:\d+ failed before its first frame: TLS error")
+    print(f"plain client, TLS proxy: {one_line_failure(done)}")
+    proxy.wait_for(r"connection from 127\.0\.0\.1:\d+ failed before its first frame: "
+                   r"TLS error")
     done = run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt,
                "-tls-ca", pki["ca.pem"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert_clean_log(proxy)
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: client.py prints 'client.py: [Errno "
+                   "104] Connection reset by peer' (its ConnectionError branch catches the "
+                   "reset), naming neither the proxy nor TLS")
+def test_plain_client_against_tls_proxy_says_what_failed(nodes, pki, tmp_path):
+    proxy = tls_proxy(nodes, pki, mutual=False)
+    pkt = write_packets(tmp_path, "t.json", [data("5", "tp", "xyz1")])
+    line = one_line_failure(run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt))
+    assert f"reverse proxy at 127.0.0.1:{proxy.port}" in line, line
 
 
 def test_client_with_another_ca_is_refused(nodes, pki, tmp_path):
@@ -1062,6 +1143,7 @@ def test_client_with_another_ca_is_refused(nodes, pki, tmp_path):
                "-tls-ca", pki["rogue.pem"])
     line = one_line_failure(done)
     assert "CERTIFICATE_VERIFY_FAILED" in line, line
+    print(f"client, rogue CA: {line}")
     assert_clean_log(proxy)
 
 
