@@ -447,10 +447,40 @@ class ArgumentParser(argparse.ArgumentParser):
                               help="private key of -tls-cert (PEM)")
         self.add_argument("-tls-ca", metavar="FILE", help=ca_help)
 
-    def check_tls_pair(self, args):
-        """Refuse ``-tls-cert`` without ``-tls-key`` and the reverse."""
+    def parse_program_args(self, argv, check_peers=False):
+        """Parse the command line of a listening program (the proxy, a server), set up
+        logging (``-quiet`` silences the per-packet lines) and load the TLS files.
+
+        Args:
+            check_peers: with ``-tls-ca``, the listening side checks the certificates
+                its peers present (the proxy, for mutual TLS).
+
+        Returns:
+            (args, listen_tls, connect_tls): the parsed arguments, the server-side
+            ``ssl.SSLContext`` (``-tls-cert``) and the client-side one (``-tls-ca``),
+            each None when not asked for. A usage error exits 2.
+        """
+        args = self.parse_args(argv)
         if (args.tls_cert is None) != (args.tls_key is None):
             self.error("-tls-cert and -tls-key go together")
+        setup_logging()
+        if args.quiet:
+            logging.getLogger("rproxy.packets").setLevel(logging.WARNING)
+        try:
+            listen_tls = connect_tls = None
+            if args.tls_cert:
+                listen_tls = server_tls_context(args.tls_cert, args.tls_key,
+                                                args.tls_ca if check_peers else None)
+            if args.tls_ca:
+                connect_tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as exc:
+            self.error(f"cannot load TLS files: {describe_error(exc)}")
+        return args, listen_tls, connect_tls
+
+    def exit_cannot_listen(self, host, port, exc):
+        """Report an address that cannot be bound (busy port) and exit 1."""
+        self.exit(1, f"{self.prog}: cannot listen on {format_address((host, port))}: "
+                     f"{describe_error(exc)}\n")
 
 
 def _arg_type(parse):

@@ -742,25 +742,13 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    parser.check_tls_pair(args)
-    netio.setup_logging()
-    if args.quiet:
-        packets.setLevel(logging.WARNING)
+    args, tls, upstream_tls = parser.parse_program_args(argv, check_peers=True)
     policy_keys = None
     if args.policy_keys:
         try:
             policy_keys = load_policy_keys(args.policy_keys)
         except ValueError as exc:
             parser.error(str(exc))
-    try:
-        tls = upstream_tls = None
-        if args.tls_cert:
-            tls = netio.server_tls_context(args.tls_cert, args.tls_key, args.tls_ca)
-        if args.tls_ca:
-            upstream_tls = netio.client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    except (OSError, ValueError) as exc:
-        parser.error(f"cannot load TLS files: {netio.describe_error(exc)}")
     try:
         proxy = ReverseProxy(
             (args.host, args.port), max_frame=args.max_frame, max_conns=args.max_conns,
@@ -770,9 +758,7 @@ def main(argv=None):
             idle_timeout=args.idle_timeout, policy_keys=policy_keys,
             upstream_tls=upstream_tls, require_client_cert=bool(args.tls_cert and args.tls_ca))
     except OSError as exc:
-        print(f"reverse_proxy.py: cannot listen on {args.host}:{args.port}: "
-              f"{netio.describe_error(exc)}", file=sys.stderr)
-        return 1
+        parser.exit_cannot_listen(args.host, args.port, exc)
     log.info("Running the reverse proxy on port %d", proxy.port)
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "

@@ -287,28 +287,16 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    parser.check_tls_pair(args)
-    if not (args.heartbeat >= 0 and args.heartbeat != float("inf")):
-        parser.error(f"argument -heartbeat: '{args.heartbeat}' is not a number of seconds "
-                     "(0 or more)")
-    netio.setup_logging()
-    if args.quiet:
-        packets.setLevel(logging.WARNING)
+    args, tls, proxy_tls = parser.parse_program_args(argv)
+    if not 0 <= args.heartbeat <= protocol.MAX_HEARTBEAT:
+        parser.error(f"argument -heartbeat: '{args.heartbeat:g}' is not a number of seconds "
+                     f"from 0 to {protocol.MAX_HEARTBEAT}")
     key = None
     if args.key_file:
         try:
             key = read_key_file(args.key_file)
         except ValueError as exc:
             parser.error(str(exc))
-    try:
-        tls = proxy_tls = None
-        if args.tls_cert:
-            tls = netio.server_tls_context(args.tls_cert, args.tls_key)
-        if args.tls_ca:
-            proxy_tls = netio.client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    except (OSError, ValueError) as exc:
-        parser.error(f"cannot load TLS files: {netio.describe_error(exc)}")
     log.info("Server running with id %s", show(args.id))
     log.info("Server serving privacy policy %s", show(args.pp))
     try:
@@ -317,9 +305,7 @@ def main(argv=None):
             idle_timeout=args.idle_timeout, max_frame=args.max_frame,
             max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout)
     except OSError as exc:
-        print(f"server.py: cannot listen on {args.host}:{args.listen}: "
-              f"{netio.describe_error(exc)}", file=sys.stderr)
-        return 1
+        parser.exit_cannot_listen(args.host, args.listen, exc)
     log.info("Listening on port %d", server.port)
     proxy_host, proxy_port = args.revproc
     log.info("Connecting to the reverse proxy on port %d", proxy_port)
