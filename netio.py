@@ -371,9 +371,24 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return True
 
 
-def run_until_stopped(server, on_stop, stop=None, drain_timeout=4.0):
-    """Serve ``server`` (a FramedServer) until SIGTERM, Ctrl-C or ``stop`` is set,
-    then stop gracefully.
+def stop_on_signals():
+    """Return a ``threading.Event`` that SIGTERM and Ctrl-C (SIGINT) set.
+
+    Call it before printing that the program is ready, so that a signal sent as soon
+    as the ready line appears finds the handler in place.
+    """
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def run_until_stopped(server, on_stop, stop, drain_timeout=4.0):
+    """Serve ``server`` (a FramedServer) until ``stop`` is set, then stop gracefully.
 
     The accept loop runs in a thread; the main thread sleeps until then. Then
     ``on_stop()`` runs first (a server closes its session there), the accept loop
@@ -382,15 +397,9 @@ def run_until_stopped(server, on_stop, stop=None, drain_timeout=4.0):
     within 5 s).
 
     Args:
-        stop: a ``threading.Event`` another thread may set to stop; None: a new one.
+        stop: a ``threading.Event``, from ``stop_on_signals``; another thread may set
+            it too.
     """
-    stop = stop or threading.Event()
-
-    def request_stop(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     accept_thread.start()
     while not stop.wait(3600):

@@ -539,8 +539,12 @@ class ReverseProxy(netio.FramedServer):
     def _health_check(self, upstream):
         """Check a DOWN server every ``check_interval`` seconds until it is back UP,
         leaves, is replaced, or the proxy stops (section 6)."""
-        while not self.stopping.wait(self.check_interval):
+        pause = self.check_interval
+        while not self.stopping.wait(pause):
+            began = time.monotonic()
             ok = self._check_once(upstream)
+            # Checks start every check_interval, however long a check took.
+            pause = max(0.0, self.check_interval - (time.monotonic() - began))
             state = self.registry.record_check(upstream, ok, self.rise)
             if state == UP:
                 log.info("server id %s of privacy policy %s at %s is back up after %d "
@@ -759,6 +763,8 @@ def main(argv=None):
             upstream_tls=upstream_tls, require_client_cert=bool(args.tls_cert and args.tls_ca))
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.port, exc)
+    stop = netio.stop_on_signals()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("\n".join(proxy.status_lines())))
     log.info("Running the reverse proxy on port %d", proxy.port)
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "
@@ -766,13 +772,12 @@ def main(argv=None):
     else:
         log.info("Registration needs a key proof for policies: %s",
                  ", ".join(sorted(policy_keys)))
-    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("\n".join(proxy.status_lines())))
 
-    def stop():
+    def on_stop():
         log.info("Stopping: answering the frames already received, then exiting")
         proxy.stop()
 
-    netio.run_until_stopped(proxy, stop)
+    netio.run_until_stopped(proxy, on_stop, stop)
     proxy.registry.close()
     log.info("Reverse proxy stopped")
     return 0

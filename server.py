@@ -134,7 +134,7 @@ class Registrar(threading.Thread):
             else:
                 try:
                     self._register(conn)
-                    if self.heartbeat is None:
+                    if self.heartbeat is None or self._stopping.is_set():
                         return
                     began = time.monotonic()
                     try:
@@ -193,10 +193,10 @@ class Registrar(threading.Thread):
         return answer
 
     def _keep_session(self, conn):
-        """PING every heartbeat; return never, raise SessionLost when the session ends."""
+        """PING every heartbeat until ``leave``; raise SessionLost if the session ends."""
         beat = self.heartbeat
         last_heard = next_ping = time.monotonic()
-        while True:
+        while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_ping:
                 conn.send(protocol.ping())
@@ -306,10 +306,10 @@ def main(argv=None):
             max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout)
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.listen, exc)
+    stop = netio.stop_on_signals()
     log.info("Listening on port %d", server.port)
     proxy_host, proxy_port = args.revproc
     log.info("Connecting to the reverse proxy on port %d", proxy_port)
-    stop = threading.Event()
     registrar = Registrar(
         args.revproc,
         protocol.setup(args.id, args.pp, server.port,

@@ -1112,31 +1112,56 @@ def one_line_failure(done, program="client.py"):
 def test_tls_client_with_right_ca_is_served(nodes, pki, tmp_path):
     proxy = tls_proxy(nodes, pki)
     server = tls_server(nodes, pki, "t1", "tp", proxy.port)
-    pkt = write_packets(tmp_path, "t.json", [data("5", "tp", "xyz1"), data("5", "tp", "abc")])
+    # One packet: client.py loses pipelined answers over TLS (the xfail test below).
+    pkt = write_packets(tmp_path, "t.json", [data("5", "tp", "xyz1")])
     done = run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt,
                "-tls-ca", pki["ca.pem"])
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("Hash of payload is correct") == 2
-    assert "2 of 2 packets answered with a correct hash" in done.stdout
-    # Checked by hand: the proxy's certificate, and the exact ACK.
+    assert done.stdout.splitlines()[-2:] == [
+        f"Receiving a response from the server t1 payload: {sha1('xyz1')}",
+        "Hash of payload is correct"]
+    # Checked by hand, from one thread: the proxy's certificate, and exact ACKs for
+    # three pipelined frames.
     context = ssl.create_default_context(cafile=pki["ca.pem"])
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as raw, \
             context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         assert sock.version() in ("TLSv1.2", "TLSv1.3")
-        sock.sendall(protocol.encode_frame(data("6", "tp", "over tls")))
+        sock.sendall(b"".join(protocol.encode_frame(data("6", "tp", f"over tls {n}"))
+                              for n in range(3)))
         sock.settimeout(WAIT)
         decoder = protocol.FrameDecoder()
-        while (body := decoder.next_frame()) is None:
-            decoder.feed(sock.recv(65536))
-        assert protocol.parse_message(body) == {
-            "type": 2, "srcid": "t1", "destid": "6", "payloadsize": 40,
-            "payload": sha1("over tls")}
+        answers = []
+        while len(answers) < 3:
+            while (body := decoder.next_frame()) is not None:
+                answers.append(protocol.parse_message(body))
+            if len(answers) < 3:
+                decoder.feed(sock.recv(65536))
+        assert answers == [{"type": 2, "srcid": "t1", "destid": "6", "payloadsize": 40,
+                            "payload": sha1(f"over tls {n}")} for n in range(3)]
     # The server's data port speaks TLS only: a plain frame gets no answer.
     plain = Wire(server.port)
     plain.send(data("6", "tp", "plain"))
     assert read_until_eof(plain.sock)[0] == []
     plain.close()
     assert_clean_log(proxy)
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: client.exchange writes from a "
+                   "sender thread while the main thread reads the same SSLSocket; OpenSSL "
+                   "objects are not thread-safe: answers are lost (timeout, 'closed after "
+                   "N answers') or the proxy sees SSLV3_ALERT_BAD_RECORD_MAC")
+def test_tls_client_pipelined_packets_all_answered(nodes, pki, tmp_path):
+    """client.py -tls-ca with 50 pipelined packets, up to 40 runs: every run gets all
+    50 answers (about 4 in 10 runs lose some with the bug)."""
+    proxy = tls_proxy(nodes, pki)
+    tls_server(nodes, pki, "t1", "tp", proxy.port)
+    pkt = write_packets(tmp_path, "t.json",
+                        [data("5", "tp", f"{n}" + "x" * 2000) for n in range(50)])
+    for attempt in range(40):
+        done = run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt,
+                   "-tls-ca", pki["ca.pem"], "-timeout", 3)
+        assert done.returncode == 0, (attempt, done.stderr)
+        assert "50 of 50 packets answered with a correct hash" in done.stdout
 
 
 def test_tls_client_against_plain_proxy_fails_in_one_line(nodes, pki, tmp_path):
