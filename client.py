@@ -7,9 +7,11 @@ line (JSON lines), in the format of the course assignment::
 
     {"type": "0", "srcid": "1", "privPoliId": "111", "payload": "xyz1"}
 
-Every packet is sent over one connection, pipelined (PROTOCOL.md section 3): a
-thread sends them all, then half-closes, while the main thread reads the answers,
-which come back in order. The ``srcid`` of every packet is this client's ``-id``.
+Every packet is sent over one connection, pipelined (PROTOCOL.md section 3): up to
+``WINDOW`` frames go out ahead of their answers, which come back in order; after the
+last frame the client half-closes (plain TCP). One thread does both, because an
+``ssl.SSLSocket`` must not be read and written from two threads at once. The
+``srcid`` of every packet is this client's ``-id``.
 
 Exit status (section 5): 0 when every answer is an ACK with the right SHA-1; 1 for
 an ERROR answer, a wrong hash, or a proxy that cannot be reached, drops the
@@ -19,12 +21,20 @@ packet file that cannot be read or holds no valid packet.
 
 import json
 import sys
-import threading
 import time
 
 import netio
 import protocol
 from protocol import MessageType, show
+
+
+# Frames sent ahead of their answers. Enough to keep the proxy busy; few enough that
+# the answers waiting to be read always fit in the socket buffers.
+WINDOW = 32
+
+
+class ProxyClosed(Exception):
+    """The proxy closed the connection before every answer came."""
 
 
 class PacketFileError(ValueError):
@@ -106,28 +116,22 @@ def exchange(conn, packets, timeout, out):
         int: how many answers were ACKs with the right hash.
 
     Raises:
-        ConnectionError: the proxy closed the connection before answering them all.
+        ProxyClosed: the proxy closed the connection before answering them all.
         netio.ConnectionTimeout: ``timeout`` ran out first.
         protocol.ProtocolError, OSError: the proxy's answers could not be read.
     """
-    def send_all():
-        try:
-            for packet in packets:
-                conn.send(packet)
-            if not isinstance(conn.sock, netio.ssl.SSLSocket):
-                conn.sock.shutdown(netio.socket.SHUT_WR)
-        except OSError:
-            pass  # the proxy closed; the reader says so
-
-    sender = threading.Thread(target=send_all, name="sender", daemon=True)
-    sender.start()
     deadline = time.monotonic() + timeout
-    correct = 0
+    correct = sent = 0
     for index, packet in enumerate(packets):
+        while sent < len(packets) and sent - index < WINDOW:
+            conn.send(packets[sent])
+            sent += 1
+            if sent == len(packets) and not isinstance(conn.sock, netio.ssl.SSLSocket):
+                conn.sock.shutdown(netio.socket.SHUT_WR)
         answer = conn.receive(deadline=deadline)
         if answer is None:
-            raise ConnectionError(f"the reverse proxy closed the connection after {index} "
-                                  f"of {len(packets)} answers")
+            raise ProxyClosed(f"the reverse proxy closed the connection after {index} "
+                              f"of {len(packets)} answers")
         if answer["type"] == MessageType.ACK:
             expected = protocol.sha1_hex(packet["payload"])
             out(f"Receiving a response from the server {show(answer['srcid'])} payload: "
@@ -192,14 +196,15 @@ def main(argv=None):
         print(f"client.py: cannot reach the reverse proxy at {where}: "
               f"{netio.describe_error(exc)}", file=sys.stderr)
         return 1
+    tls_hint = "" if tls else " (a proxy that serves TLS needs -tls-ca)"
     try:
         correct = exchange(conn, packets, args.timeout, out)
     except netio.ConnectionTimeout:
         print(f"client.py: no answer from the reverse proxy at {where} within "
               f"{args.timeout:g} s (-timeout)", file=sys.stderr)
         return 1
-    except ConnectionError as exc:
-        print(f"client.py: {exc}", file=sys.stderr)
+    except ProxyClosed as exc:
+        print(f"client.py: {exc}{tls_hint}", file=sys.stderr)
         return 1
     except protocol.ProtocolError as exc:
         print(f"client.py: bad answer from the reverse proxy at {where}: {exc}",
@@ -207,7 +212,7 @@ def main(argv=None):
         return 1
     except OSError as exc:
         print(f"client.py: connection to the reverse proxy at {where} failed: "
-              f"{netio.describe_error(exc)}", file=sys.stderr)
+              f"{netio.describe_error(exc)}{tls_hint}", file=sys.stderr)
         return 1
     finally:
         conn.close()

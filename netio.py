@@ -101,8 +101,11 @@ class Connection:
             if deadline is not None:
                 left = max(0.0, deadline - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
-            self.sock.settimeout(timeout)
             try:
+                if timeout is not None and timeout <= 0:
+                    # settimeout(0) would mean "do not block", not "time is up".
+                    raise socket.timeout
+                self.sock.settimeout(timeout)
                 chunk = self.sock.recv(RECV_SIZE)
             except socket.timeout:
                 mid = self._frame_started is not None

@@ -132,7 +132,13 @@ def show(value, limit=64):
     Strings are shown as they are unless they hold control characters (then as a
     Python literal), so that a hostile id cannot forge log lines.
     """
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (RecursionError, ValueError):
+            text = f"(a deeply nested {type(value).__name__})"
     if not text.isprintable():
         text = repr(text)
     if len(text) > limit:
@@ -276,7 +282,7 @@ def _validate_data(message):
         actual = len(payload.encode("utf-8"))
         if size != actual:
             raise MessageError(
-                f"payloadsize {size} does not match the payload's {actual} UTF-8 bytes")
+                f"payloadsize {show(size)} does not match the payload's {actual} UTF-8 bytes")
 
 
 def _validate_setup(message):
@@ -336,6 +342,9 @@ _VALIDATORS = {
     MessageType.PONG: _validate_nothing,
 }
 
+# Brackets in a body above which parse_message checks that it encodes again.
+_NESTING_CHECK = 64
+
 _TYPE_TEXT = {str(t.value): t for t in MessageType}
 _TYPE_NUMBER = {t.value: t for t in MessageType}
 
@@ -365,15 +374,18 @@ def parse_message(body):
     except ValueError as exc:
         raise MessageError(f"frame body is not valid JSON: {exc}") from None
     validate_message(message)
-    # A "\ud800" escape anywhere (an unknown field, a key) decodes to a lone surrogate,
-    # which no frame can carry on; the cheap test on the text keeps this off the
-    # common path.
-    if "\\u" in text:
+    # What is passed on must encode again: a "\ud800" escape anywhere (an unknown
+    # field, a key) decodes to a lone surrogate, and json.dumps needs more stack per
+    # level of nesting than json.loads. The cheap tests on the text keep the check
+    # off the common path.
+    if "\\u" in text or text.count("[") + text.count("{") > _NESTING_CHECK:
         try:
             json.dumps(message, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise MessageError("frame body holds a lone surrogate (\\ud800-\\udfff), "
                                "which is not Unicode text") from None
+        except RecursionError:
+            raise MessageError("frame body is JSON nested too deeply") from None
     return message
 
 

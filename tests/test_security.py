@@ -344,9 +344,6 @@ DEEP_FIELDS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a value nested ~984-993 deep passes "
-                   "json.loads but protocol.show's json.dumps raises RecursionError: no "
-                   "answer, connection dropped, 'internal error' logged")
 @pytest.mark.parametrize("program", ["proxy", "server"])
 def test_nesting_next_to_the_recursion_limit(nodes, program):
     """Every depth from 941 to 999, as a list and as an object, in each kind of field:
@@ -605,10 +602,6 @@ def test_trickled_frame_times_out_as_a_whole(nodes, wires):
     sender.join(WAIT)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: netio.Connection.receive computes a "
-                   "remaining frame time of 0.0 when a byte lands on the deadline, and "
-                   "settimeout(0.0) makes the socket non-blocking: recv raises "
-                   "BlockingIOError and the connection is closed with no TIMEOUT and no log")
 def test_byte_landing_on_the_frame_deadline_still_gets_timeout(nodes):
     """Slow clients whose bytes keep coming, 1 ms apart, across the frame deadline."""
     proxy = nodes.proxy("-frame-timeout", 1)
@@ -1146,10 +1139,6 @@ def test_tls_client_with_right_ca_is_served(nodes, pki, tmp_path):
     assert_clean_log(proxy)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: client.exchange writes from a "
-                   "sender thread while the main thread reads the same SSLSocket; OpenSSL "
-                   "objects are not thread-safe: answers are lost (timeout, 'closed after "
-                   "N answers') or the proxy sees SSLV3_ALERT_BAD_RECORD_MAC")
 def test_tls_client_pipelined_packets_all_answered(nodes, pki, tmp_path):
     """client.py -tls-ca with 50 pipelined packets, up to 40 runs: every run gets all
     50 answers (about 4 in 10 runs lose some with the bug)."""
@@ -1191,9 +1180,6 @@ def test_plain_client_against_tls_proxy_fails_in_one_line(nodes, pki, tmp_path):
     assert_clean_log(proxy)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: client.py prints 'client.py: [Errno "
-                   "104] Connection reset by peer' (its ConnectionError branch catches the "
-                   "reset), naming neither the proxy nor TLS")
 def test_plain_client_against_tls_proxy_says_what_failed(nodes, pki, tmp_path):
     proxy = tls_proxy(nodes, pki, mutual=False)
     pkt = write_packets(tmp_path, "t.json", [data("5", "tp", "xyz1")])
