@@ -451,6 +451,19 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(description=description, allow_abbrev=False,
                          formatter_class=_HelpFormatter, **kwargs)
 
+    def add_limit_options(self):
+        """Add the limits of a listening program: ``-max-conns``, ``-frame-timeout``
+        and ``-idle-timeout`` (defaults: 1024 connections, 10 s, 300 s; nginx's
+        ``client_header_timeout`` is 60 s, HAProxy's ``timeout client`` is commonly
+        30 s to a few minutes)."""
+        self.add_argument("-max-conns", type=arg_count, default=1024, metavar="N",
+                          help="open connections allowed; more are answered OVERLOADED")
+        self.add_argument("-frame-timeout", type=arg_seconds, default=10.0,
+                          metavar="SECONDS", help="time a frame may take to arrive")
+        self.add_argument("-idle-timeout", type=arg_seconds, default=300.0,
+                          metavar="SECONDS",
+                          help="time a connection may stay idle between frames")
+
     def add_tls_options(self, cert_help, ca_help):
         """Add ``-tls-cert``/``-tls-key`` (when ``cert_help``) and ``-tls-ca``."""
         if cert_help:

@@ -728,12 +728,7 @@ def build_parser():
                         help="good health checks in a row that bring a server back")
     parser.add_argument("-pool-size", type=netio.arg_count, default=8, metavar="N",
                         help="idle data connections kept per server")
-    parser.add_argument("-max-conns", type=netio.arg_count, default=1024, metavar="N",
-                        help="open connections allowed; more are answered OVERLOADED")
-    parser.add_argument("-frame-timeout", type=netio.arg_seconds, default=10.0,
-                        metavar="SECONDS", help="time a frame may take to arrive")
-    parser.add_argument("-idle-timeout", type=netio.arg_seconds, default=300.0,
-                        metavar="SECONDS", help="time a connection may stay idle between frames")
+    parser.add_limit_options()
     parser.add_argument("-policy-keys", metavar="FILE",
                         help="'POLICY KEY' lines: servers must prove the key of their "
                              "policy to register ('*' for any other policy)")

@@ -271,12 +271,7 @@ def build_parser():
                              "-policy-keys")
     parser.add_argument("-max-frame", type=netio.arg_count, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest frame body accepted")
-    parser.add_argument("-max-conns", type=netio.arg_count, default=1024, metavar="N",
-                        help="open connections allowed; more are answered OVERLOADED")
-    parser.add_argument("-frame-timeout", type=netio.arg_seconds, default=10.0,
-                        metavar="SECONDS", help="time a frame may take to arrive")
-    parser.add_argument("-idle-timeout", type=netio.arg_seconds, default=300.0,
-                        metavar="SECONDS", help="time a connection may stay idle between frames")
+    parser.add_limit_options()
     parser.add_argument("-quiet", action="store_true",
                         help="do not print the two lines per packet")
     parser.add_tls_options(
