@@ -9,7 +9,7 @@ line (JSON lines), in the format of the course assignment::
 
 Every packet is sent over one connection, pipelined (PROTOCOL.md section 3): up to
 ``WINDOW`` frames go out ahead of their answers, which come back in order; after the
-last frame the client half-closes (plain TCP). One thread does both, because an
+last frame the client half-closes (over plain TCP). One thread does both, because an
 ``ssl.SSLSocket`` must not be read and written from two threads at once. The
 ``srcid`` of every packet is this client's ``-id``.
 
@@ -126,8 +126,8 @@ def exchange(conn, packets, timeout, out):
         while sent < len(packets) and sent - index < WINDOW:
             conn.send(packets[sent])
             sent += 1
-            if sent == len(packets) and not isinstance(conn.sock, netio.ssl.SSLSocket):
-                conn.sock.shutdown(netio.socket.SHUT_WR)
+            if sent == len(packets):
+                conn.half_close()
         answer = conn.receive(deadline=deadline)
         if answer is None:
             raise ProxyClosed(f"the reverse proxy closed the connection after {index} "

@@ -172,6 +172,18 @@ class Connection:
         finally:
             sock.close()
 
+    def half_close(self):
+        """Tell the peer that nothing more will be sent (a TCP half-close), and go on
+        reading (PROTOCOL.md section 3). TLS has no half-close that leaves the stream
+        readable, so over TLS this does nothing and returns False. Never raises."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return True
+
     def wake(self):
         """Make a blocked ``receive`` in another thread return what is buffered, then
         None: the peer is read no further. Never raises."""

@@ -212,7 +212,11 @@ class Registry:
     def is_current(self, upstream):
         """True while ``upstream`` is the registration in force for its id."""
         with self._lock:
-            return self._servers.get(upstream.key) is upstream
+            return self._current(upstream)
+
+    def _current(self, upstream):
+        # Call with the lock held. A replaced registration is never acted on.
+        return self._servers.get(upstream.key) is upstream
 
     def record_served(self, upstream):
         """Count one DATA frame answered by ``upstream``."""
@@ -227,7 +231,7 @@ class Registry:
             server is dropped, section 6), or None if it was not UP or not current.
         """
         with self._lock:
-            if self._servers.get(upstream.key) is not upstream or upstream.state != UP:
+            if not self._current(upstream) or upstream.state != UP:
                 return None
             upstream.state = DOWN if upstream.heartbeat is not None else LEFT
             upstream.good_checks = 0
@@ -245,7 +249,7 @@ class Registry:
             should stop (it left or was replaced).
         """
         with self._lock:
-            if self._servers.get(upstream.key) is not upstream or upstream.state != DOWN:
+            if not self._current(upstream) or upstream.state != DOWN:
                 return None
             upstream.good_checks = upstream.good_checks + 1 if ok else 0
             if upstream.good_checks >= rise:
@@ -260,7 +264,7 @@ class Registry:
             end of an older session never removes a newer registration).
         """
         with self._lock:
-            if self._servers.get(upstream.key) is not upstream or upstream.state == LEFT:
+            if not self._current(upstream) or upstream.state == LEFT:
                 return False
             upstream.state = LEFT
             return True

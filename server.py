@@ -216,15 +216,15 @@ class Registrar(threading.Thread):
 
     def leave(self, timeout=2.0):
         """Close the session and wait up to ``timeout`` seconds for the proxy to close
-        its side: from then on the proxy sends this server nothing new (section 6)."""
+        its side: from then on the proxy sends this server nothing new (section 6).
+
+        Over plain TCP the half-close tells the proxy at once; over TLS the session
+        thread closes it when it next wakes, within one heartbeat."""
         self._stopping.set()
         with self._lock:
             session = self._session
         if session is not None:
-            try:
-                session.sock.shutdown(netio.socket.SHUT_WR)
-            except OSError:
-                pass
+            session.half_close()
         self.join(timeout)
 
 
