@@ -16,7 +16,9 @@ thread-per-connection layer on top of it (after ``websockets.sync``):
 """
 
 import argparse
+import collections
 import logging
+import select
 import signal
 import socket
 import socketserver
@@ -31,6 +33,9 @@ log = logging.getLogger("rproxy")
 
 # Bytes asked of the kernel per recv(): 64 KiB, the common socket buffer quantum.
 RECV_SIZE = 65536
+# Seconds one send may block on a peer that reads nothing. nginx's send_timeout is
+# 60 s, between two successive writes.
+SEND_TIMEOUT = 60.0
 # How long a lingering close waits for the peer to finish sending, in seconds.
 # nginx's lingering_timeout is 5 s; a peer here is a program, not a slow browser.
 LINGER_SECONDS = 1.0
@@ -45,29 +50,42 @@ class ConnectionTimeout(TimeoutError):
 
 
 class Connection:
-    """One framed connection over a connected socket (PROTOCOL.md section 1).
+    """One framed connection over a connected, blocking socket (PROTOCOL.md
+    section 1), for a thread that owns it: ``server.py``'s handlers and session,
+    ``client.py``.
 
-    Not thread-safe for two concurrent readers or two concurrent writers; one reader
-    and one writer at a time is fine.
+    Not thread-safe for two concurrent readers or two concurrent writers. Reads and
+    writes each set the socket's timeout they need before the call, so a send never
+    inherits the last receive's timeout.
 
     Args:
         sock: a connected ``socket.socket`` or ``ssl.SSLSocket``.
         max_frame: the largest frame body accepted, in bytes.
         peer: a ``"host:port"`` label for log lines.
+        send_timeout: seconds one send may block on a peer that reads nothing.
     """
 
-    def __init__(self, sock, max_frame=protocol.DEFAULT_MAX_FRAME, peer=None):
+    def __init__(self, sock, max_frame=protocol.DEFAULT_MAX_FRAME, peer=None,
+                 send_timeout=SEND_TIMEOUT):
         self.sock = sock
         self.decoder = protocol.FrameDecoder(max_frame)
         self.peer = peer or format_address(sock.getpeername())
+        self.send_timeout = send_timeout
+        self._ready = collections.deque()
         self._frame_started = None
 
     def send(self, message):
-        """Send one message (``dict``) as a frame. Raises ``OSError`` on failure."""
-        self.sock.sendall(protocol.encode_frame(message))
+        """Send one message (``dict``) as a frame. Raises ``OSError`` on failure,
+        ``socket.timeout`` after ``send_timeout`` seconds."""
+        self.send_frames([protocol.encode_frame(message)])
 
-    def receive(self, idle_timeout=None, frame_timeout=None, deadline=None):
-        """Receive the next message.
+    def send_frames(self, frames):
+        """Send whole frames (a list of bytes) in one write. Raises as ``send``."""
+        self.sock.settimeout(self.send_timeout)
+        self.sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def receive_batch(self, idle_timeout=None, frame_timeout=None, deadline=None):
+        """Receive every frame that has arrived: at least one, after one ``recv``.
 
         Args:
             idle_timeout: seconds to wait for the first byte of a frame; None: forever.
@@ -77,21 +95,35 @@ class Connection:
                 the two timeouts say; None: none.
 
         Returns:
-            dict: the validated message (see ``protocol.parse_message``), or None when
-            the peer closed the connection (a partly received frame is dropped).
+            list: in order, each item a validated message (``dict``, see
+            ``protocol.parse_message``) or the ``protocol.MessageError`` of a bad
+            frame (answer it, the stream is still in step); empty when the peer
+            closed the connection (a partly received frame is dropped).
 
         Raises:
-            protocol.FrameError: bad length prefix; the connection must be closed.
-            protocol.MessageError: one bad frame, already consumed; go on reading.
+            protocol.FrameError: bad length prefix (after the frames before it were
+                returned); the connection must be closed.
             ConnectionTimeout: a timeout above ran out.
             OSError: the connection failed.
         """
+        if self._ready:
+            items = list(self._ready)
+            self._ready.clear()
+            return items
         decoder = self.decoder
         while True:
-            body = decoder.next_frame()
-            if body is not None:
+            bodies, error = decoder.frames()
+            if bodies:
                 self._frame_started = time.monotonic() if decoder.in_frame else None
-                return protocol.parse_message(body)
+                items = []
+                for body in bodies:
+                    try:
+                        items.append(protocol.parse_message(body))
+                    except protocol.MessageError as exc:
+                        items.append(exc)
+                return items
+            if error is not None:
+                raise error
             if self._frame_started is None:
                 timeout = idle_timeout
             elif frame_timeout is None:
@@ -113,43 +145,60 @@ class Connection:
                     f"timed out waiting for {'the rest of a frame' if mid else 'a frame'} "
                     f"from {self.peer}", mid) from None
             if not chunk:
-                return None
+                return []
             if self._frame_started is None:
                 self._frame_started = time.monotonic()
             decoder.feed(chunk)
 
-    def next_message(self, idle_timeout=None, frame_timeout=None):
-        """Receive the next valid message, answering faults as PROTOCOL.md section 1
-        says: a bad message gets a BAD_MESSAGE frame and reading goes on; a bad length
-        prefix, or a frame that takes longer than ``frame_timeout``, gets one ERROR
-        frame and a lingering close.
+    def receive(self, idle_timeout=None, frame_timeout=None, deadline=None):
+        """Receive the next message (arguments as ``receive_batch``).
 
         Returns:
-            dict, or None when the connection is over (closed by the peer, or closed
-            here after a fatal fault).
+            dict: the validated message, or None when the peer closed the connection.
+
+        Raises:
+            protocol.MessageError: one bad frame, already consumed; go on reading.
+            protocol.FrameError, ConnectionTimeout, OSError: as ``receive_batch``.
+        """
+        if not self._ready:
+            items = self.receive_batch(idle_timeout, frame_timeout, deadline)
+            if not items:
+                return None
+            self._ready.extend(items)
+        item = self._ready.popleft()
+        if isinstance(item, protocol.ProtocolError):
+            raise item
+        return item
+
+    def next_batch(self, idle_timeout=None, frame_timeout=None):
+        """Receive every frame that has arrived, answering the faults that end a
+        connection as PROTOCOL.md section 1 says: a bad length prefix, or a frame
+        that takes longer than ``frame_timeout``, gets one ERROR frame and a
+        lingering close.
+
+        Returns:
+            list of items as ``receive_batch`` (bad messages are the caller's to
+            answer, in order), or None when the connection is over (closed by the
+            peer, or closed here after a fatal fault).
 
         Raises:
             ConnectionTimeout: no frame began within ``idle_timeout`` seconds.
             OSError: the connection failed.
         """
-        while True:
-            try:
-                return self.receive(idle_timeout, frame_timeout)
-            except protocol.ProtocolError as exc:
-                log.warning("%s (from %s)", exc, self.peer)
-                self.send(protocol.error_message(exc))
-                if exc.fatal:
-                    self.close(linger=True)
-                    return None
-            except ConnectionTimeout as exc:
-                if not exc.mid_frame:
-                    raise
-                log.warning("closing connection from %s: %s", self.peer, exc)
-                self.send(protocol.error(
-                    protocol.TIMEOUT, f"a frame took longer than {frame_timeout:g} s to "
-                    "arrive (frame timeout); closing"))
-                self.close(linger=True)
-                return None
+        try:
+            return self.receive_batch(idle_timeout, frame_timeout) or None
+        except protocol.FrameError as exc:
+            log.warning("%s (from %s)", exc, self.peer)
+            answer = protocol.error_message(exc)
+        except ConnectionTimeout as exc:
+            if not exc.mid_frame:
+                raise
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            answer = protocol.error(protocol.TIMEOUT, f"a frame took longer than "
+                                    f"{frame_timeout:g} s to arrive (frame timeout); closing")
+        self.send(answer)
+        self.close(linger=True)
+        return None
 
     def close(self, linger=False):
         """Close the socket. ``linger``: shut down sending first, then drain input for
@@ -194,9 +243,8 @@ class Connection:
 
 
 def format_address(address):
-    """Return ``"host:port"`` for a socket address tuple."""
-    host, port = address[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """Return ``"host:port"`` (``"[v6]:port"``) for a socket address tuple."""
+    return protocol.format_address(*address[:2])
 
 
 def connect(host, port, timeout, max_frame=protocol.DEFAULT_MAX_FRAME, tls=None):
@@ -254,12 +302,15 @@ def client_tls_context(ca, cert=None, key=None):
 
 
 def describe_error(exc):
-    """One line for an OSError or ssl error, without the Python class noise."""
+    """One line for an OSError, ssl error or other exception, without the Python class
+    noise: ``"Connection refused"``, ``"TLS error: CERTIFICATE_VERIFY_FAILED"``."""
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, socket.timeout):
         return "timed out"
-    return exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -386,38 +437,71 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return True
 
 
-def stop_on_signals():
-    """Return a ``threading.Event`` that SIGTERM and Ctrl-C (SIGINT) set.
+class Signals:
+    """Signals delivered to the main thread as numbers, with no work in a handler.
 
-    Call it before printing that the program is ready, so that a signal sent as soon
-    as the ready line appears finds the handler in place.
+    A Python signal handler runs between two bytecodes of the main thread, whatever
+    that thread holds: a handler that takes a lock the interrupted code holds
+    deadlocks, and one that logs can re-enter logging. Here the handler does
+    nothing; the interpreter's C-level handler writes the signal number to a socket
+    (``signal.set_wakeup_fd``) and ``wait`` reads it in the main thread, which does
+    the work. Create it in the main thread, before printing that the program is
+    ready, so that a signal sent as soon as the ready line appears finds it.
+
+    Args:
+        signums: the signals to catch (SIGTERM, SIGINT, ...).
     """
-    stop = threading.Event()
 
-    def request_stop(signum, frame):
-        stop.set()
+    def __init__(self, signums):
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, _no_work)
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return stop
+    def post(self, signum):
+        """Deliver ``signum`` to ``wait`` as if it had been received. Thread-safe."""
+        try:
+            self._writer.send(bytes((signum,)))
+        except OSError:
+            pass
+
+    def wait(self, timeout=None):
+        """Return the signal numbers received since the last call (a list, in order),
+        waiting up to ``timeout`` seconds (None: until one comes) for the first."""
+        while True:
+            try:
+                data = self._reader.recv(256)
+            except (BlockingIOError, InterruptedError):
+                ready, _, _ = select.select([self._reader], [], [], timeout)
+                if not ready:
+                    return []
+                continue
+            return list(data)
 
 
-def run_until_stopped(server, on_stop, stop, drain_timeout=4.0):
-    """Serve ``server`` (a FramedServer) until ``stop`` is set, then stop gracefully.
+def _no_work(signum, frame):
+    # The signal number reaches Signals.wait through the wake-up socket.
+    pass
 
-    The accept loop runs in a thread; the main thread sleeps until then. Then
+
+def run_until_stopped(server, on_stop, signals, drain_timeout=4.0):
+    """Serve ``server`` (a FramedServer) until SIGTERM or SIGINT, then stop gracefully.
+
+    The accept loop runs in a thread; the main thread waits for the signal. Then
     ``on_stop()`` runs first (a server closes its session there), the accept loop
     stops, and ``drain`` lets handlers answer what they hold, for up to
     ``drain_timeout`` seconds (PROTOCOL.md section 6: the issue asks for an exit
     within 5 s).
 
     Args:
-        stop: a ``threading.Event``, from ``stop_on_signals``; another thread may set
-            it too.
+        signals: a ``Signals`` catching SIGTERM and SIGINT; another thread may
+            ``post`` one of them to stop the server.
     """
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     accept_thread.start()
-    while not stop.wait(3600):
+    while not set(signals.wait()) & {signal.SIGTERM, signal.SIGINT}:
         pass
     on_stop()
     server.shutdown()
@@ -540,6 +624,12 @@ def arg_port(text):
 def arg_hostport(text):
     """``PORT`` or ``HOST:PORT`` of a peer."""
     return protocol.parse_hostport(text)
+
+
+@_arg_type
+def arg_listen_address(text):
+    """``PORT`` or ``HOST:PORT`` to listen on; port 0 picks a free port."""
+    return protocol.parse_hostport(text, allow_zero=True)
 
 
 @_arg_type

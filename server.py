@@ -15,6 +15,7 @@ already received, and exits 0.
 """
 
 import logging
+import signal
 import sys
 import threading
 import time
@@ -61,37 +62,47 @@ class UpstreamServer(netio.FramedServer):
         self.idle_timeout = idle_timeout
 
     def handle_connection(self, conn):
-        """Answer every DATA with its ACK and every PING with a PONG, in order."""
+        """Answer every DATA with its ACK and every PING with a PONG, in order: all the
+        frames one read brings are answered together, in one write."""
         try:
             while True:
                 try:
-                    message = conn.next_message(self.idle_timeout, self.frame_timeout)
+                    items = conn.next_batch(self.idle_timeout, self.frame_timeout)
                 except netio.ConnectionTimeout as exc:
                     log.info("closing connection from %s: %s", conn.peer, exc)
                     return
-                if message is None:
+                if items is None:
                     return
-                kind = message["type"]
-                if kind == MessageType.DATA:
-                    conn.send(self.answer(message))
-                elif kind == MessageType.PING:
-                    conn.send(protocol.pong())
-                else:
-                    conn.send(protocol.error(
-                        protocol.BAD_MESSAGE, f"a server answers DATA and PING, not "
-                        f"{kind.name} (type {kind.value})"))
+                conn.send_frames([protocol.encode_frame(self.answer(item, conn.peer))
+                                  for item in items])
         except OSError:
             pass
 
-    def answer(self, message):
-        """Return the ACK for one DATA message (PROTOCOL.md section 2)."""
-        reply = protocol.ack_for(self.server_id, message)
-        if packets.isEnabledFor(logging.INFO):
-            packets.info("Received a message from client %s payload: %s",
-                         show(message["srcid"]), show(message["payload"]))
-            packets.info("Sending a response to the client %s payload: %s",
-                         show(message["srcid"]), reply["payload"])
-        return reply
+    def answer(self, item, peer):
+        """Return the answer to one received item: the ACK of a DATA message
+        (PROTOCOL.md section 2), the PONG of a PING, or an ERROR.
+
+        Args:
+            item: a validated message (dict), or the ``protocol.MessageError`` of a bad
+                frame.
+            peer: the connection's label, for the log line of a bad frame.
+        """
+        if isinstance(item, protocol.MessageError):
+            log.warning("%s (from %s)", item, peer)
+            return protocol.error_message(item)
+        kind = item["type"]
+        if kind == MessageType.DATA:
+            reply = protocol.ack_for(self.server_id, item)
+            if packets.isEnabledFor(logging.INFO):
+                packets.info("Received a message from client %s payload: %s",
+                             show(item["srcid"]), show(item["payload"]))
+                packets.info("Sending a response to the client %s payload: %s",
+                             show(item["srcid"]), reply["payload"])
+            return reply
+        if kind == MessageType.PING:
+            return protocol.pong()
+        return protocol.error(protocol.BAD_MESSAGE, f"a server answers DATA and PING, not "
+                              f"{kind.name} (type {kind.value})")
 
 
 class Registrar(threading.Thread):
@@ -301,7 +312,7 @@ def main(argv=None):
             max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout)
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.listen, exc)
-    stop = netio.stop_on_signals()
+    signals = netio.Signals((signal.SIGTERM, signal.SIGINT))
     log.info("Listening on port %d", server.port)
     proxy_host, proxy_port = args.revproc
     log.info("Connecting to the reverse proxy on port %d", proxy_port)
@@ -310,7 +321,7 @@ def main(argv=None):
         protocol.setup(args.id, args.pp, server.port,
                        host=None if args.host in ("0.0.0.0", "::", "") else args.host,
                        heartbeat=args.heartbeat or None),
-        key=key, tls=proxy_tls, on_refused=stop.set)
+        key=key, tls=proxy_tls, on_refused=lambda: signals.post(signal.SIGTERM))
     registrar.start()
 
     def leave():
@@ -324,7 +335,7 @@ def main(argv=None):
                      "already received")
         registrar.leave()
 
-    netio.run_until_stopped(server, leave, stop)
+    netio.run_until_stopped(server, leave, signals)
     if registrar.refused:
         print(f"server.py: the reverse proxy refused registration: {registrar.refused}",
               file=sys.stderr)

@@ -42,9 +42,9 @@ T = 0.5  # -upstream-timeout of the proxy in these tests, seconds
 PACE = 0.005  # seconds between two sends of one load client
 
 SETUP_LINE = r"Received setup message from server id {id} privacy policy {policy} "
-# "server id 1 at 127.0.0.1:5000 up, packets served: 3" (or "..., 3 packets served")
+# "server id 1 at 127.0.0.1:5000 up, weight 1, packets served: 3"
 STATUS_LINE = re.compile(
-    r"^\s+(->)?\s*server id (\S+) at (\S+) (up|down|left), "
+    r"^\s+(->)?\s*server id (\S+) at (\S+) (up|down|left), weight \d+, "
     r"(?:packets served: (\d+)|(\d+) packets served)$")
 
 
@@ -176,7 +176,7 @@ def registry_status(proxy, servers):
     for line in list(proxy.lines)[head + 1:]:
         if not line.startswith("  "):
             break
-        match = re.match(r"^  privacy policy (\S+):$", line)
+        match = re.match(r"^  privacy policy (\S+) \((?:roundrobin|leastconn)\):$", line)
         if match:
             policies.append((match.group(1), []))
             continue

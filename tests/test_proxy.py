@@ -545,8 +545,8 @@ def test_50_pipelined_frames_across_two_policies_answered_in_order(nodes, wires)
     {"type": 2, "srcid": "s1", "destid": "c1", "payloadsize": 40, "payload": "0" * 40},
     {"type": 3, "code": "BAD_FRAME", "message": "no"},
     {"type": 4, "id": "s1", "privPolyId": "111"},
-    {"type": 5},
-], ids=["SETUP", "ACK", "ERROR", "REGISTERED", "PING"])
+    {"type": 6},
+], ids=["SETUP", "ACK", "ERROR", "REGISTERED", "PONG"])
 def test_other_type_on_a_client_connection_is_bad_message(served, wires, kind):
     proxy, _ = served
     wire = wires(proxy.port)

@@ -1,52 +1,52 @@
-"""Rotation and Registry of reverse_proxy.py without sockets (PROTOCOL.md sections 4, 6
-and 7): a fake pool factory, exact choices."""
+"""Rotation and Registry of registry.py without sockets (PROTOCOL.md sections 4, 6, 7
+and 8): exact choices, weights and leastconn included."""
 
 import collections
+import random
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import protocol
-import reverse_proxy
+import registry as registry_module
 from protocol import ServiceError
-from reverse_proxy import DOWN, LEFT, UP, Registry, Rotation
-
-
-class FakePool:
-    """Stands in for a ConnectionPool: records its address and whether it was closed."""
-
-    def __init__(self, host, port):
-        self.host = host
-        self.port = port
-        self.closed = False
-
-    def close(self):
-        self.closed = True
+from registry import DOWN, LEASTCONN, LEFT, UP, Registry, Rotation
 
 
 class FakeUpstream:
-    """What Rotation needs of an Upstream: a state, identity hashing."""
+    """What Rotation needs of an Upstream: a state, a weight, a credit, frames in
+    flight, identity hashing."""
 
-    def __init__(self, name):
+    def __init__(self, name, weight=1):
         self.name = name
         self.state = UP
+        self.weight = weight
+        self.current = 0
+        self.in_flight = 0
+
+    def __repr__(self):
+        return self.name
 
 
 @pytest.fixture
 def registry():
-    return Registry(FakePool)
+    return Registry()
 
 
-def setup(server_id, policy="p", port=9000, heartbeat=None, host=None):
+def setup(server_id, policy="p", port=9000, heartbeat=None, host=None, weight=None):
     """A validated SETUP message, as the proxy hands it to the registry."""
     return protocol.validate_message(
-        protocol.setup(server_id, policy, port, heartbeat=heartbeat, host=host))
+        protocol.setup(server_id, policy, port, heartbeat=heartbeat, host=host,
+                       weight=weight))
 
 
 def join(registry, server_id, policy="p", port=9000, heartbeat=None, host="127.0.0.1",
-         **kwargs):
+         weight=None, **kwargs):
     """Register ``server_id``; return the new Upstream."""
-    upstream, _ = registry.register(setup(server_id, policy, port, heartbeat), host, **kwargs)
+    upstream, _ = registry.register(setup(server_id, policy, port, heartbeat, weight=weight),
+                                    host, **kwargs)
     return upstream
 
 
@@ -165,8 +165,8 @@ def test_server_that_left_and_registers_again_takes_its_old_place(registry):
     assert picks(registry, "p", 2) == ["a", "c"]
     join(registry, "b", heartbeat=1)
     assert picks(registry, "p", 4) == ["a", "b", "c", "a"]
-    [(policy, servers)] = registry.snapshot()
-    assert [server[0] for server in servers] == ["a", "b", "c"]  # never twice
+    [policy] = registry.snapshot()
+    assert [server["id"] for server in policy["servers"]] == ["a", "b", "c"]  # never twice
 
 
 def test_integer_and_string_server_ids_are_the_same_server(registry):
@@ -184,7 +184,8 @@ def test_reregistration_with_another_policy_moves_it_to_the_end_of_that_rotation
     assert replaced is old_b
     assert picks(registry, "p1", 2) == ["a", "a"]
     assert picks(registry, "p2", 3) == ["c", "b", "c"]
-    assert [(policy, [s[0] for s in servers]) for policy, servers in registry.snapshot()] == [
+    assert [(policy["policy"], [s["id"] for s in policy["servers"]])
+            for policy in registry.snapshot()] == [
         ("p1", ["a"]), ("p2", ["c", "b"])]
 
 
@@ -214,8 +215,7 @@ def test_moving_the_last_server_under_the_cursor_wraps_to_the_first(registry):
 
 def test_move_to_another_policy_is_unauthorized_without_move_policy(registry):
     old = join(registry, "s1", "p1", heartbeat=1)
-    pools = []
-    refused = Registry(lambda host, port: pools.append(FakePool(host, port)) or pools[-1])
+    refused = Registry()
     refused_old = join(refused, "s1", "p1", heartbeat=1)
     with pytest.raises(ServiceError) as caught:
         refused.register(setup("s1", "p2", heartbeat=1), "127.0.0.1", move_policy=False)
@@ -223,7 +223,6 @@ def test_move_to_another_policy_is_unauthorized_without_move_policy(registry):
     assert caught.value.message == ("server id s1 is registered for privacy policy p1; it "
                                     "must leave (close its session) before registering "
                                     "for p2")
-    assert [pool.closed for pool in pools] == [False, True]  # the refused one's pool
     assert refused.is_current(refused_old) is True
     assert picks(refused, "p1", 2) == ["s1", "s1"]
     with pytest.raises(ServiceError) as none:
@@ -275,7 +274,7 @@ def test_integer_policy_111_equals_string_111(registry):
     join(registry, "b", "111")
     assert [registry.choose(policy).key for policy in (111, "111", 111, "111")] == [
         "a", "b", "a", "b"]
-    assert [policy for policy, _ in registry.snapshot()] == ["111"]
+    assert [policy["policy"] for policy in registry.snapshot()] == ["111"]
 
 
 # --- Failures and health checks (section 6) -----------------------------------------
@@ -380,34 +379,174 @@ def test_concurrent_choices_share_one_cursor_and_split_evenly(registry):
     assert total == {"s1": 1334, "s2": 1333, "s3": 1333}
 
 
-# --- Snapshot, pools -----------------------------------------------------------------
+# --- Snapshot ------------------------------------------------------------------------
 
 def test_snapshot_lists_servers_in_order_and_marks_the_next_live_one(registry):
     s1 = join(registry, "s1", "p1", port=9001, host="10.0.0.1")
-    s2 = join(registry, "s2", "p1", port=9002, host="::1", heartbeat=1)
-    join(registry, 5, 111, port=9003, host="10.0.0.3")
     assert registry.choose("p1") is s1
-    registry.record_served(s1)
+    s2 = join(registry, "s2", "p1", port=9002, host="::1", heartbeat=1, weight=3)
+    join(registry, 5, 111, port=9003, host="10.0.0.3")
+    s1.served += 1
     registry.end_session(s2)
     # The cursor stands at s2, which left: the next frame goes to s1.
     assert registry.snapshot() == [
-        ("p1", [("s1", "10.0.0.1:9001", "up", 1, True),
-                ("s2", "[::1]:9002", "left", 0, False)]),
-        ("111", [("5", "10.0.0.3:9003", "up", 0, True)]),
+        {"policy": "p1", "balance": "roundrobin", "servers": [
+            {"id": "s1", "address": "10.0.0.1:9001", "state": "up", "weight": 1,
+             "served": 1, "in_flight": 0, "failures": 0, "next": True},
+            {"id": "s2", "address": "[::1]:9002", "state": "left", "weight": 3,
+             "served": 0, "in_flight": 0, "failures": 0, "next": False}]},
+        {"policy": "111", "balance": "roundrobin", "servers": [
+            {"id": "5", "address": "10.0.0.3:9003", "state": "up", "weight": 1,
+             "served": 0, "in_flight": 0, "failures": 0, "next": True}]},
     ]
     assert registry.choose("p1") is s1
 
 
-def test_pool_factory_gets_host_and_port_and_close_closes_current_pools(registry):
-    old = join(registry, "a", port=9001, host="10.0.0.1")
-    new = join(registry, "a", port=9002, host="10.0.0.2")
-    other = join(registry, "b", port=9003, host="10.0.0.3")
-    assert (new.pool.host, new.pool.port) == ("10.0.0.2", 9002)
-    assert new.address == "10.0.0.2:9002"
-    registry.close()
-    assert (new.pool.closed, other.pool.closed) == (True, True)
-    assert old.pool.closed is False  # the caller closes a replaced registration's pool
+def test_snapshot_adds_the_fields_of_extra_and_the_latency_factory_makes_one_each():
+    made = []
+    registry = Registry(latency_factory=lambda: made.append(object()) or made[-1])
+    first = join(registry, "a")
+    second = join(registry, "b")
+    assert (first.latency, second.latency) == (made[0], made[1])
+    [policy] = registry.snapshot(lambda upstream: {"extra": upstream.key * 2})
+    assert [server["extra"] for server in policy["servers"]] == ["aa", "bb"]
 
 
 def test_states_are_the_documented_strings():
-    assert (reverse_proxy.UP, reverse_proxy.DOWN, reverse_proxy.LEFT) == ("up", "down", "left")
+    assert (registry_module.UP, registry_module.DOWN, registry_module.LEFT) == (
+        "up", "down", "left")
+
+
+# --- Weights: smooth weighted round robin (section 8) ---------------------------------
+
+def test_weights_5_1_1_give_nginx_smooth_order(registry):
+    for server_id, weight in (("a", 5), ("b", 1), ("c", 1)):
+        join(registry, server_id, weight=weight)
+    assert "".join(picks(registry, "p", 14)) == "aabacaa" * 2
+
+
+def test_weight_defaults_to_1_and_every_weight_1_is_plain_round_robin(registry):
+    for server_id in ("a", "b", "c"):
+        join(registry, server_id)
+    assert registry.upstreams()[0].weight == 1
+    assert picks(registry, "p", 7) == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def window_counts(sequence, size):
+    return [collections.Counter(sequence[start:start + size])
+            for start in range(len(sequence) - size + 1)]
+
+
+@settings(deadline=None, max_examples=200, database=None)
+@given(weights=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+       before=st.integers(0, 30), cursor=st.integers(0, 5))
+def test_every_window_of_w_frames_gives_each_server_exactly_its_weight(weights, before,
+                                                                        cursor):
+    rotation = Rotation()
+    servers = [FakeUpstream(f"s{i}", weight) for i, weight in enumerate(weights)]
+    rotation.order.extend(servers)
+    rotation.cursor = cursor % (len(servers) + 1)
+    for _ in range(before):
+        rotation.choose()
+    rotation.changed()  # a member joined, left or changed state: a change
+    total = sum(weights)
+    sequence = [rotation.choose().name for _ in range(3 * total)]
+    for counts in window_counts(sequence, total):
+        assert counts == {server.name: server.weight for server in servers}
+
+
+def test_a_server_back_from_down_gets_no_burst(registry):
+    a = join(registry, "a", weight=3, heartbeat=1)
+    join(registry, "b", weight=3)
+    assert picks(registry, "p", 6).count("a") == 3
+    registry.mark_failed(a)
+    assert picks(registry, "p", 30) == ["b"] * 30
+    registry.record_check(a, True, rise=1)
+    # Back up: over the next 6 frames a gets its 3, not the 18 it missed.
+    after = picks(registry, "p", 12)
+    assert after.count("a") == 6 and after[:6].count("a") == 3
+
+
+class OldCursor:
+    """The plain cursor round robin of section 4, as a reference."""
+
+    def __init__(self):
+        self.order = []
+        self.cursor = 0
+
+    def choose(self, exclude=()):
+        count = len(self.order)
+        for step in range(count):
+            index = (self.cursor + step) % count
+            upstream = self.order[index]
+            if upstream.state == UP and upstream not in exclude:
+                self.cursor = index + 1
+                return upstream
+        return None
+
+    def remove(self, upstream):
+        index = self.order.index(upstream)
+        del self.order[index]
+        if index < self.cursor:
+            self.cursor -= 1
+
+
+@settings(deadline=None, max_examples=300, database=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_every_weight_1_is_exactly_the_cursor_round_robin_under_any_changes(seed):
+    rnd = random.Random(seed)
+    rotation, reference, servers = Rotation(), OldCursor(), []
+    for _ in range(60):
+        roll = rnd.random()
+        if roll < 0.15 or not servers:
+            server = FakeUpstream(f"s{len(servers)}")
+            servers.append(server)
+            rotation.order.append(server)
+            reference.order.append(server)
+            rotation.changed()
+        elif roll < 0.25:
+            server = rnd.choice(servers)
+            server.state = UP if server.state != UP else rnd.choice([DOWN, LEFT])
+            rotation.changed()
+        elif roll < 0.3 and len(rotation.order) > 1:
+            server = rnd.choice(rotation.order)
+            rotation.remove(server)
+            reference.remove(server)
+        else:
+            exclude = (set(rnd.sample(rotation.order, 1)) if rnd.random() < 0.2 else set())
+            assert rotation.choose(exclude) is reference.choose(exclude)
+
+
+# --- Least connections (section 8) ----------------------------------------------------
+
+def test_leastconn_picks_the_fewest_in_flight_per_weight_ties_from_the_cursor():
+    registry = Registry(balance=lambda policy: LEASTCONN)
+    a = join(registry, "a")
+    b = join(registry, "b", weight=2)
+    c = join(registry, "c")
+    assert registry.snapshot()[0]["balance"] == "leastconn"
+    # All idle: ties taken in turn from the cursor.
+    assert picks(registry, "p", 3) == ["a", "b", "c"]
+    a.in_flight, b.in_flight, c.in_flight = 2, 3, 2
+    # in flight / weight: a 2, b 1.5, c 2.
+    assert registry.choose("p") is b
+    b.in_flight = 4  # b 2: a, b and c tie; the cursor stands after b
+    assert registry.choose("p") is c
+    assert registry.choose("p", exclude={a, c}) is b
+
+
+def test_leastconn_skips_servers_that_are_not_up():
+    registry = Registry(balance=lambda policy: LEASTCONN)
+    a = join(registry, "a", heartbeat=1)
+    join(registry, "b").in_flight = 5
+    registry.mark_failed(a)
+    assert picks(registry, "p", 2) == ["b", "b"]
+
+
+def test_balance_is_asked_once_per_policy():
+    asked = []
+    registry = Registry(balance=lambda policy: asked.append(policy) or "roundrobin")
+    join(registry, "a", "p1")
+    join(registry, "b", "p1")
+    join(registry, "c", "p2")
+    assert asked == ["p1", "p2"]

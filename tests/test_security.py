@@ -534,11 +534,11 @@ def test_connection_cap_answers_overloaded_once_then_serves_again(nodes, wires):
     # The held connections were not harmed.
     held[0].send(data("c0", "capp", "again"))
     assert held[0].receive()["payload"] == sha1("again")
-    # Close 5: their threads end, and exactly 5 new connections are served.
-    busy = proc_counts(proxy.proc.pid)[0]
+    # Close 5: their descriptors are released, and exactly 5 new connections are served.
+    busy = proc_counts(proxy.proc.pid)[1]
     for wire in held[:5]:
         wire.close()
-    wait_counts(proxy.proc.pid, lambda c: c[0] <= busy - 5)
+    wait_counts(proxy.proc.pid, lambda c: c[1] <= busy - 5)
     for index in range(5):
         wire = wires(proxy.port)
         wire.send(data(f"n{index}", "capp", "new"))
@@ -670,7 +670,7 @@ def test_500_slow_clients_do_not_delay_a_good_client(nodes, wires):
     proxy = nodes.proxy("-max-conns", 2000, "-frame-timeout", 60, "-quiet")
     server = nodes.server("fast", "fastp", proxy.port, "-quiet")
     pid = proxy.proc.pid
-    base_threads, _ = proc_counts(pid)
+    _, base_fds = proc_counts(pid)
     slow = []
     partial = frame(json.dumps(data("slow", "fastp", "held")).encode())
     try:
@@ -678,7 +678,7 @@ def test_500_slow_clients_do_not_delay_a_good_client(nodes, wires):
             sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT)
             sock.sendall(partial[:7])
             slow.append(sock)
-        wait_counts(pid, lambda c: c[0] >= base_threads + 500, timeout=20)
+        wait_counts(pid, lambda c: c[1] >= base_fds + 500, timeout=20)
         latencies = []
         for index in range(5):
             started = time.monotonic()

@@ -1,0 +1,685 @@
+"""The proxy's stats over HTTP: a page for people, JSON and Prometheus for programs.
+
+``StatsServer`` is CPython's ``http.server.ThreadingHTTPServer`` answering four
+read-only routes from a ``snapshot()`` callable that the proxy provides (the dict
+``/stats.json`` serves; schema in README.md, "Observability"):
+
+===============  ===================================================================
+``/``            HTML page for people, complete as served (``render_page``) and
+                 kept current by an inline script that fetches ``/stats.json``
+                 every second
+``/stats.json``  the snapshot as JSON
+``/metrics``     Prometheus text format 0.0.4 (``metrics.render_prometheus``)
+``/healthz``     ``200 ok`` while the proxy runs, ``503 draining`` once it drains
+===============  ===================================================================
+
+Any other path is 404; any method but GET and HEAD is 405. The page loads nothing
+from elsewhere: its CSS and script are inline and allowed by hash in its
+Content-Security-Policy, so a value that escaped the HTML escaping still could not
+run a script.
+
+Threads: ``start`` runs the accept loop in one thread ("stats"); each connection is
+served in a daemon thread of its own, at most ``max_connections`` at once (more are
+answered 503 and closed), and each read waits at most ``read_timeout`` seconds, so
+a silent client holds a thread for that long at worst. Every request for one of
+the four routes calls ``snapshot()`` once, from its own thread: the callable must
+be thread-safe.
+"""
+
+import base64
+import decimal
+import hashlib
+import html
+import http.server
+import json
+import socket
+import socketserver
+import sys
+import threading
+import urllib.parse
+
+import metrics
+
+__all__ = ["StatsServer", "render_page"]
+
+# Seconds a connection may take to send its request: 10 s, as the proxy's
+# -frame-timeout; nginx's client_header_timeout is 60 s, but a stats reader is a
+# browser or a scraper on a short path.
+READ_TIMEOUT = 10.0
+# Connections served at once: 40, the default of the Prometheus exporters'
+# --web.max-requests; a page polls once a second over one connection at a time.
+MAX_CONNECTIONS = 40
+# Seconds between two polls of the page's script; the issue asks for every second.
+REFRESH_SECONDS = 1
+# Seconds the page's script waits for /stats.json before it says "stats
+# unavailable": three refresh periods, so one slow answer is not an outage.
+FETCH_TIMEOUT_SECONDS = 3
+# Seconds between reloads of the page when its script cannot run (<noscript>).
+NOSCRIPT_REFRESH_SECONDS = 5
+# Bytes of an unwanted request body read before a 405, so that closing the
+# connection does not reset it under the answer (a lingering close, PROTOCOL.md
+# section 1 does the same for frames).
+DISCARD_LIMIT = 65536
+# The whole answer to a connection past max_connections.
+BUSY_ANSWER = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: 23\r\nConnection: close\r\n\r\n"
+               b"too many stats readers\n")
+
+JSON_CONTENT_TYPE = "application/json"
+HTML_CONTENT_TYPE = "text/html; charset=utf-8"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+
+
+class StatsServer:
+    """The stats listener: an HTTP server in a thread of its own.
+
+    Args:
+        address: ``(host, port)``; port 0 picks a free port (see ``port``). A host
+            with a ``:`` is an IPv6 literal (``"::1"``), without brackets.
+        snapshot: ``f()`` returning the stats dict (schema: README.md,
+            "Observability"); called once per request, from that request's thread.
+        log: ``f(line)`` called with one line when the server listens
+            (``Stats on http://HOST:PORT/``) and for each failed request; None
+            for silence.
+        read_timeout: seconds a connection may take to send its request.
+        max_connections: connections served at once; more get 503.
+
+    Raises:
+        OSError: the address cannot be bound (port busy, no such address).
+    """
+
+    def __init__(self, address, snapshot, *, log=None, read_timeout=READ_TIMEOUT,
+                 max_connections=MAX_CONNECTIONS):
+        self._log = log
+        self._httpd = _HTTPServer(address, snapshot, log, read_timeout, max_connections)
+        self._thread = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def port(self):
+        """The port listened on (the one picked, for port 0)."""
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self):
+        """``http://HOST:PORT/``, brackets around an IPv6 host."""
+        host = self._httpd.server_address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/"
+
+    def start(self):
+        """Serve in a daemon thread; log ``Stats on URL``."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                            name="stats", daemon=True)
+            self._thread.start()
+        if self._log is not None:
+            self._log(f"Stats on {self.url}")
+
+    def close(self):
+        """Stop accepting and close the listener; safe to call twice. Requests being
+        served finish in their own threads (at most ``read_timeout`` later)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            try:
+                # Wakes the accept loop now rather than at its next 0.5 s poll: a
+                # listening socket shut for reading is readable and its accept()
+                # fails, so serve_forever sees the stop request at once (Linux).
+                self._httpd.socket.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # refused elsewhere (macOS): the loop stops within 0.5 s
+            # shutdown() waits for serve_forever to return: never without a thread.
+            self._httpd.shutdown()
+            thread.join()
+        self._httpd.server_close()
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with the address family of its host, a cap on open
+    connections and errors logged in one line."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address, snapshot, log, read_timeout, max_connections):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.snapshot = snapshot
+        self.log = log
+        self.read_timeout = read_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, _Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the host's fully qualified name, a DNS
+        # query that can take seconds; nothing here uses it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = self.server_address[0]
+        self.server_port = self.server_address[1]
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(BUSY_ANSWER)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        # A reader that goes away mid-answer (a closed tab) is no fault to report.
+        if self.log is not None and not isinstance(exc, ConnectionError):
+            self.log(f"stats: request from {client_address[0]} failed: "
+                     f"{type(exc).__name__}: {exc}")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One request: route it, answer from one snapshot. HTTP/1.0, one request per
+    connection: a poll a second costs one loopback connect, and no idle
+    keep-alive connection holds a thread."""
+
+    server_version = "rproxy-stats"
+
+    def version_string(self):
+        return self.server_version  # no Python version for the curious
+
+    def setup(self):
+        self.timeout = self.server.read_timeout
+        super().setup()
+
+    def do_GET(self):
+        self._answer(head=False)
+
+    def do_HEAD(self):
+        self._answer(head=True)
+
+    def __getattr__(self, name):
+        # BaseHTTPRequestHandler answers a method without a do_METHOD with 501;
+        # every method but GET and HEAD is 405 here.
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self):
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            length = 0
+        if 0 < length <= DISCARD_LIMIT:
+            self.rfile.read(length)
+        self._send(405, TEXT_CONTENT_TYPE,
+                   f"method {self.command} not allowed: use GET or HEAD\n".encode(),
+                   head=False, extra={"Allow": "GET, HEAD"})
+
+    def _answer(self, head):
+        path = urllib.parse.urlsplit(self.path).path
+        route = _ROUTES.get(path)
+        if route is None:
+            self._send(404, TEXT_CONTENT_TYPE, f"no such page: {path}\n".encode(), head)
+            return
+        try:
+            snapshot = self.server.snapshot()
+            status, content_type, body, extra = route(snapshot)
+        except Exception as exc:  # a bad snapshot costs this request only
+            if self.server.log is not None:
+                self.server.log(f"stats: cannot serve {path}: {type(exc).__name__}: {exc}")
+            status, content_type, extra = 500, TEXT_CONTENT_TYPE, {}
+            body = b"stats unavailable: the proxy could not take a snapshot\n"
+        self._send(status, content_type, body, head, extra)
+
+    def _send(self, status, content_type, body, head, extra=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        # A page polls every second; an access log line per poll would drown the
+        # proxy's own lines. Failures are logged by the server.
+        pass
+
+
+def _page(snapshot):
+    return 200, HTML_CONTENT_TYPE, render_page(snapshot).encode("utf-8"), {
+        "Content-Security-Policy": _PAGE_POLICY, "Referrer-Policy": "no-referrer"}
+
+
+def _json(snapshot):
+    return 200, JSON_CONTENT_TYPE, json.dumps(snapshot).encode("utf-8"), {}
+
+
+def _metrics(snapshot):
+    return (200, metrics.PROMETHEUS_CONTENT_TYPE,
+            metrics.render_prometheus(snapshot).encode("utf-8"), {})
+
+
+def _healthz(snapshot):
+    if snapshot["draining"]:
+        return 503, TEXT_CONTENT_TYPE, b"draining\n", {}
+    return 200, TEXT_CONTENT_TYPE, b"ok\n", {}
+
+
+_ROUTES = {"/": _page, "/stats.json": _json, "/metrics": _metrics, "/healthz": _healthz}
+
+
+# --- The page ----------------------------------------------------------------------
+#
+# The server renders the whole page (it works without its script); the script then
+# fills the same elements from /stats.json. Both sides share the markup: the
+# script clones the <template> rows that render_page writes, and finds every value
+# by its data-f (field) attribute. The formats (_count, _ms, _uptime, ...) exist
+# twice, here and in _SCRIPT, and must agree.
+
+# (field, column heading, class of its cells): the columns of a policy's table.
+_COLUMNS = (("next", "", "nx"), ("id", "server", "id"), ("state", "state", ""),
+            ("address", "address", "addr"), ("weight", "weight", "n"),
+            ("served", "served", "n"), ("in_flight", "in flight", "n"),
+            ("failures", "failures", "n"), ("p50", "p50 (1 min)", "n"),
+            ("p99", "p99 (1 min)", "n"))
+
+_BALANCE_NAMES = {"roundrobin": "round robin", "leastconn": "leastconn"}
+
+_STYLE = """
+:root{--bg:#f5f6f8;--card:#fff;--fg:#1b2230;--muted:#5f6b7d;--line:#e2e6ec;
+--up:#05603a;--up-bg:#d3f8df;--down:#fff;--down-bg:#c01c28;--down-row:#fde8e7;
+--left:#3f4856;--left-bg:#e4e7ec;--warn:#7a3d00;--warn-bg:#fedf89;--accent:#2557c7;
+--hot:#b42318;--flash:#ffd54a;--mono:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",
+"Liberation Mono",monospace}
+@media (prefers-color-scheme:dark){:root{--bg:#0e1117;--card:#161b24;--fg:#e6e9ef;
+--muted:#98a2b3;--line:#283040;--up:#a6f4c5;--up-bg:#0b4228;--down-row:#3b1114;
+--left:#cfd4dc;--left-bg:#323a48;--warn-bg:#b54708;--warn:#fff;--accent:#84adff;
+--hot:#fda29b;--flash:#8a6d00}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,
+-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"DejaVu Sans",sans-serif}
+.wrap{max-width:1180px;margin:0 auto;padding:16px}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 12px;margin-bottom:14px}
+h1{font-size:20px;margin:0}
+.status{margin:0 0 0 auto;color:var(--muted);font-size:13px}
+.status.bad{color:var(--down);background:var(--down-bg);padding:2px 8px;border-radius:4px;
+font-weight:600}
+body.stale main,body.stale .tiles{opacity:.55}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:10px}
+.tile{background:var(--card);border:1px solid var(--line);border-radius:10px;
+padding:10px 14px}
+.k{display:block;color:var(--muted);font-size:12px;text-transform:uppercase;
+letter-spacing:.05em}
+.v{display:block;font:600 22px/1.3 var(--mono)}
+.sub{display:block;color:var(--muted);font:12px var(--mono)}
+.codes{display:flex;flex-wrap:wrap;align-items:center;gap:6px;margin:12px 0 0;padding:0;
+list-style:none}
+.codes .k{margin-right:4px}
+.codes li[data-code]{background:var(--card);border:1px solid var(--line);border-radius:999px;
+padding:2px 10px;font-size:12px}
+.codes b{font:600 12px var(--mono);margin-left:6px}
+.codes li.hot{border-color:var(--hot);color:var(--hot);background:var(--down-row)}
+.policy{background:var(--card);border:1px solid var(--line);border-radius:10px;
+margin-top:14px;overflow:hidden}
+.policy h2{font-size:16px;margin:0;padding:10px 14px;border-bottom:1px solid var(--line);
+display:flex;flex-wrap:wrap;gap:4px 12px;align-items:baseline}
+.policy h2 .muted{color:var(--muted);font-size:13px;font-weight:400}
+.scroll{overflow-x:auto}
+table{width:100%;border-collapse:collapse}
+th,td{padding:7px 14px;text-align:left;border-bottom:1px solid var(--line);white-space:nowrap}
+th{font-size:11px;color:var(--muted);font-weight:600;text-transform:uppercase;
+letter-spacing:.05em}
+tbody tr:last-child td{border-bottom:0}
+td.n,th.n{text-align:right;font-family:var(--mono)}
+td.id{font-weight:600;font-family:var(--mono)}
+td.addr{font-family:var(--mono);color:var(--muted)}
+td.nx{width:5.5em;color:var(--accent);font-weight:700}
+tr.next td.nx{box-shadow:inset 4px 0 var(--accent)}
+tr.st-down{background:var(--down-row)}
+tr.st-left td{color:var(--muted)}
+.badge{display:inline-block;min-width:4.2em;text-align:center;border-radius:4px;
+padding:1px 6px;font:700 11px/1.6 var(--mono);letter-spacing:.06em}
+.badge.up,.badge.running{color:var(--up);background:var(--up-bg)}
+.badge.down{color:var(--down);background:var(--down-bg)}
+.badge.left{color:var(--left);background:var(--left-bg)}
+.badge.draining{color:var(--warn);background:var(--warn-bg)}
+tr.flash{animation:flash .7s ease-in-out 4}
+@keyframes flash{50%{background:var(--flash)}}
+.empty{color:var(--muted);padding:14px}
+footer{margin-top:18px;color:var(--muted);font-size:12px}
+footer a{color:inherit}
+@media (max-width:640px){
+.wrap{padding:10px}.status{margin-left:0;width:100%}
+.tiles{grid-template-columns:repeat(2,1fr);gap:8px}.tile{padding:8px 12px}.v{font-size:18px}
+table,tbody,td{display:block}thead{display:none}
+tbody tr{display:grid;grid-template-columns:repeat(3,1fr);gap:6px 10px;padding:10px 14px;
+border-bottom:1px solid var(--line)}
+tbody tr:last-child{border-bottom:0}
+td{border:0;padding:0;white-space:normal;overflow-wrap:anywhere}
+td.n{text-align:left}
+td::before{content:attr(data-label);display:block;color:var(--muted);
+font:11px system-ui,sans-serif;text-transform:uppercase;letter-spacing:.05em}
+td.id{grid-area:1/1;font-size:17px}td.st{grid-area:1/2}
+td.nx{grid-area:1/3;text-align:right;width:auto}
+td.id::before,td.st::before,td.nx::before{content:none}
+td.addr{grid-column:1/-1}
+tr.next td.nx{box-shadow:none}tr.next{box-shadow:inset 4px 0 var(--accent)}}
+"""
+
+_SCRIPT = """
+(function () {
+  "use strict";
+  var REFRESH_MS = %(refresh_ms)d, TIMEOUT_MS = %(timeout_ms)d;
+  var BALANCE_NAMES = %(balance_names)s;
+  var main = document.getElementById("policies");
+  var status = document.getElementById("status");
+  var states = new Map();  // policy + "\\n" + server id -> state last shown
+
+  function count(n) { return n.toLocaleString("en-US"); }
+  function ms(v) {
+    if (v === null || v === undefined) { return "\\u2013"; }
+    return v.toFixed(v < 10 ? 2 : v < 100 ? 1 : 0) + " ms";
+  }
+  function two(n) { return (n < 10 ? "0" : "") + n; }
+  function uptime(s) {
+    s = Math.floor(s);
+    var d = Math.floor(s / 86400), clock = two(Math.floor(s / 3600) %% 24) + ":" +
+      two(Math.floor(s / 60) %% 60) + ":" + two(s %% 60);
+    return d ? d + " d " + clock : clock;
+  }
+  function fields(root) {
+    var found = {};
+    if (root.dataset && root.dataset.f) { found[root.dataset.f] = root; }
+    root.querySelectorAll("[data-f]").forEach(function (el) { found[el.dataset.f] = el; });
+    return found;
+  }
+  function put(el, text) { if (el && el.textContent !== text) { el.textContent = text; } }
+  function byData(parent, name) {
+    var map = new Map();
+    Array.prototype.forEach.call(parent.children, function (el) {
+      if (el.dataset[name] !== undefined) { map.set(el.dataset[name], el); }
+    });
+    return map;
+  }
+  function place(parent, el, index) {
+    if (parent.children[index] !== el) {
+      parent.insertBefore(el, parent.children[index] || null);
+    }
+  }
+  function clone(id) {
+    return document.getElementById(id).content.firstElementChild.cloneNode(true);
+  }
+
+  // The states shown by the server's render, so that the first poll can flash a change.
+  main.querySelectorAll("section[data-policy]").forEach(function (section) {
+    section.querySelectorAll("tr[data-server]").forEach(function (tr) {
+      states.set(section.dataset.policy + "\\n" + tr.dataset.server, tr.dataset.state);
+    });
+  });
+
+  function renderServer(policy, tr, s) {
+    var f = fields(tr), key = policy + "\\n" + s.id, before = states.get(key);
+    tr.className = "st-" + s.state + (s.next ? " next" : "") +
+      (tr.classList.contains("flash") ? " flash" : "");
+    tr.dataset.state = s.state;
+    put(f.next, s.next ? "\\u25b6 next" : "");
+    put(f.id, s.id);
+    put(f.state, s.state.toUpperCase());
+    f.state.className = "badge " + s.state;
+    put(f.address, s.address);
+    put(f.weight, count(s.weight));
+    put(f.served, count(s.served));
+    put(f.in_flight, count(s.in_flight));
+    put(f.failures, count(s.failures));
+    put(f.p50, ms(s.latency_ms.p50));
+    put(f.p99, ms(s.latency_ms.p99));
+    if (before !== undefined && before !== s.state) {
+      tr.classList.remove("flash");
+      void tr.offsetWidth;  // a reflow, so that a running flash starts again
+      tr.classList.add("flash");
+    }
+    states.set(key, s.state);
+  }
+
+  function renderPolicy(section, p) {
+    var f = fields(section), up = 0, rows = byData(f.rows, "server");
+    put(f.policy, p.policy);
+    put(f.balance, BALANCE_NAMES[p.balance] || p.balance);
+    p.servers.forEach(function (s, i) {
+      var tr = rows.get(s.id);
+      if (!tr) { tr = clone("tpl-server"); tr.dataset.server = s.id; }
+      rows.delete(s.id);
+      renderServer(p.policy, tr, s);
+      place(f.rows, tr, i);
+      if (s.state === "up") { up += 1; }
+    });
+    rows.forEach(function (tr) { tr.remove(); });
+    put(f.summary, up + " of " + p.servers.length + " up");
+  }
+
+  function render(snap) {
+    var t = snap.totals, f = fields(document.body), sections = byData(main, "policy");
+    put(f.run, snap.draining ? "DRAINING" : "RUNNING");
+    f.run.className = "badge " + (snap.draining ? "draining" : "running");
+    put(f.uptime, uptime(snap.uptime_s));
+    put(f.packets, count(t.packets));
+    put(f.failovers, count(t.failovers));
+    put(f.connections, count(snap.connections));
+    put(f.kinds, Object.keys(snap.connections_by_kind).map(function (k) {
+      return k + " " + count(snap.connections_by_kind[k]);
+    }).join(" \\u00b7 "));
+    put(f.registered, count(t.registrations.registered));
+    put(f.refused, "refused " + count(t.registrations.refused));
+    document.querySelectorAll("[data-code]").forEach(function (li) {
+      var n = t.answers[li.dataset.code] || 0;
+      put(li.querySelector("b"), count(n));
+      li.classList.toggle("hot", li.dataset.code !== "ACK" && n > 0);
+    });
+    snap.policies.forEach(function (p, i) {
+      var section = sections.get(p.policy);
+      if (!section) { section = clone("tpl-policy"); section.dataset.policy = p.policy; }
+      sections.delete(p.policy);
+      renderPolicy(section, p);
+      place(main, section, i);
+    });
+    sections.forEach(function (section) { section.remove(); });
+    f.empty.hidden = snap.policies.length > 0;
+  }
+
+  main.addEventListener("animationend", function (e) { e.target.classList.remove("flash"); });
+
+  function poll() {
+    var control = new AbortController();
+    var timer = setTimeout(function () { control.abort(); }, TIMEOUT_MS);
+    fetch("stats.json", { cache: "no-store", signal: control.signal })
+      .then(function (r) {
+        if (!r.ok) { throw new Error("HTTP " + r.status); }
+        return r.json();
+      })
+      .then(function (snap) {
+        render(snap);
+        document.body.classList.remove("stale");
+        status.className = "status";
+        status.textContent = "live \\u00b7 updated " + new Date().toLocaleTimeString("en-GB");
+      })
+      .catch(function (e) {
+        document.body.classList.add("stale");
+        status.className = "status bad";
+        status.textContent = "stats unavailable (" + (e.name === "AbortError" ?
+          "no answer" : e.message) + "); retrying";
+      })
+      .then(function () { clearTimeout(timer); setTimeout(poll, REFRESH_MS); });
+  }
+  setTimeout(poll, REFRESH_MS);
+})();
+""" % {"refresh_ms": REFRESH_SECONDS * 1000, "timeout_ms": FETCH_TIMEOUT_SECONDS * 1000,
+       "balance_names": json.dumps(_BALANCE_NAMES)}
+
+
+def _csp_hash(text):
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Only this page's own style and script run; it fetches from itself alone.
+_PAGE_POLICY = (f"default-src 'none'; style-src {_csp_hash(_STYLE)}; "
+                f"script-src {_csp_hash(_SCRIPT)}; connect-src 'self'; img-src data:; "
+                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _count(n):
+    return f"{n:,}"
+
+
+def _ms(value):
+    if value is None:
+        return "\u2013"
+    return _fixed(value, 2 if value < 10 else 1 if value < 100 else 0) + " ms"
+
+
+def _fixed(value, places):
+    """``value`` with ``places`` decimals, as JavaScript's ``toFixed`` writes it: a
+    tie (on the exact binary value) goes up, where Python's format goes to even."""
+    return str(decimal.Decimal(value).quantize(decimal.Decimal(1).scaleb(-places),
+                                               decimal.ROUND_HALF_UP))
+
+
+def _uptime(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{days} d {clock}" if days else clock
+
+
+def _e(value):
+    return html.escape(str(value), quote=True)
+
+
+def _server_row(server):
+    """One ``<tr>`` of a policy's table; ``server`` None gives the empty template."""
+    if server is None:
+        cells, state, attrs = {}, "", ""
+    else:
+        state = server["state"]
+        latency = server["latency_ms"]
+        cells = {"next": "\u25b6 next" if server["next"] else "", "id": server["id"],
+                 "state": state.upper(), "address": server["address"],
+                 "weight": _count(server["weight"]), "served": _count(server["served"]),
+                 "in_flight": _count(server["in_flight"]),
+                 "failures": _count(server["failures"]),
+                 "p50": _ms(latency["p50"]), "p99": _ms(latency["p99"])}
+        attrs = (f' class="st-{_e(state)}{" next" if server["next"] else ""}"'
+                 f' data-server="{_e(server["id"])}" data-state="{_e(state)}"')
+    tds = []
+    for field, heading, css in _COLUMNS:
+        text = _e(cells.get(field, ""))
+        if field == "state":
+            text = f'<span class="badge {_e(state)}" data-f="state">{text}</span>'
+            tds.append(f'<td class="st" data-label="{heading}">{text}</td>')
+        else:
+            tds.append(f'<td class="{css}" data-label="{heading}" data-f="{field}">'
+                       f'{text}</td>')
+    return f"<tr{attrs}>{''.join(tds)}</tr>"
+
+
+def _policy_section(policy):
+    """One policy's ``<section>``; ``policy`` None gives the empty template."""
+    if policy is None:
+        name = balance = summary = attrs = rows = ""
+    else:
+        servers = policy["servers"]
+        up = sum(1 for server in servers if server["state"] == "up")
+        name = _e(policy["policy"])
+        balance = _e(_BALANCE_NAMES.get(policy["balance"], policy["balance"]))
+        summary = f"{up} of {len(servers)} up"
+        attrs = f' data-policy="{name}"'
+        rows = "".join(_server_row(server) for server in servers)
+    heads = "".join(f'<th class="{css}">{heading}</th>' for _, heading, css in _COLUMNS)
+    return (f'<section class="policy"{attrs}><h2><span>privacy policy '
+            f'<span data-f="policy">{name}</span></span>'
+            f'<span class="muted" data-f="balance">{balance}</span>'
+            f'<span class="muted" data-f="summary">{summary}</span></h2>'
+            f'<div class="scroll"><table><thead><tr>{heads}</tr></thead>'
+            f'<tbody data-f="rows">{rows}</tbody></table></div></section>')
+
+
+def render_page(snapshot):
+    """The stats page for ``snapshot``, complete: it reads right without its script.
+
+    Every value from the snapshot is HTML-escaped (server ids and addresses come
+    from the network). Policies and servers keep the snapshot's order.
+
+    Args:
+        snapshot: the stats dict of ``/stats.json`` (schema: README.md,
+            "Observability").
+
+    Returns:
+        str, an HTML document with inline CSS and script.
+
+    Raises:
+        KeyError, TypeError: ``snapshot`` does not follow the schema.
+    """
+    totals = snapshot["totals"]
+    run_class = "draining" if snapshot["draining"] else "running"
+    kinds = " \u00b7 ".join(f"{_e(kind)} {_count(count)}"
+                            for kind, count in snapshot["connections_by_kind"].items())
+    codes = "".join(
+        f'<li data-code="{_e(code)}"{" class=hot" if code != "ACK" and count else ""}>'
+        f'{_e(code)}<b>{_count(count)}</b></li>'
+        for code, count in totals["answers"].items())
+    registrations = totals["registrations"]
+    policies = "".join(_policy_section(policy) for policy in snapshot["policies"])
+
+    def tile(label, field, value, sub_field=None, sub=""):
+        extra = f'<span class="sub" data-f="{sub_field}">{sub}</span>' if sub_field else ""
+        return (f'<div class="tile"><span class="k">{label}</span>'
+                f'<span class="v" data-f="{field}">{value}</span>{extra}</div>')
+
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Reverse proxy stats</title><link rel="icon" href="data:,">
+<noscript><meta http-equiv="refresh" content="{NOSCRIPT_REFRESH_SECONDS}"></noscript>
+<style>{_STYLE}</style></head>
+<body><div class="wrap">
+<header><h1>Reverse proxy</h1>
+<span class="badge {run_class}" data-f="run">{run_class.upper()}</span>
+<p class="status" id="status" aria-live="polite"><noscript>JavaScript is off: the page
+reloads every {NOSCRIPT_REFRESH_SECONDS} s</noscript></p></header>
+<div class="tiles">
+{tile("uptime", "uptime", _uptime(snapshot["uptime_s"]))}
+{tile("packets received", "packets", _count(totals["packets"]))}
+{tile("failovers", "failovers", _count(totals["failovers"]))}
+{tile("connections open", "connections", _count(snapshot["connections"]), "kinds", kinds)}
+{tile("registrations", "registered", _count(registrations["registered"]),
+      "refused", f'refused {_count(registrations["refused"])}')}
+</div>
+<ul class="codes"><li class="k">answers</li>{codes}</ul>
+<main id="policies">{policies}</main>
+<p class="empty" data-f="empty"{" hidden" if snapshot["policies"] else ""}>No server has
+registered yet.</p>
+<footer>For programs: <a href="stats.json">/stats.json</a> \u00b7
+<a href="metrics">/metrics</a> (Prometheus) \u00b7 <a href="healthz">/healthz</a></footer>
+</div>
+<template id="tpl-policy">{_policy_section(None)}</template>
+<template id="tpl-server">{_server_row(None)}</template>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
