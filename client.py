@@ -49,9 +49,9 @@ import resource
 import selectors
 import ssl
 import string
-import sys
 import time
 
+import cli
 import netio
 import protocol
 from protocol import MessageType, show
@@ -139,7 +139,8 @@ def exchange(conn, packets, timeout, out):
         conn: a ``netio.Connection`` to the proxy.
         packets: DATA messages.
         timeout: seconds for the whole exchange.
-        out: ``f(line)`` that prints one line.
+        out: ``f(line, event)`` that prints one line (``cli.say``; ``event`` a
+            ``cli.event(...)``).
 
     Returns:
         int: how many answers were ACKs with the right hash.
@@ -163,19 +164,27 @@ def exchange(conn, packets, timeout, out):
                               f"of {len(packets)} answers")
         if answer["type"] == MessageType.ACK:
             expected = protocol.sha1_hex(packet["payload"])
-            out(f"Receiving a response from the server {show(answer['srcid'])} payload: "
-                f"{show(answer['payload'])}")
+            server, received = answer["srcid"], show(answer["payload"])
+            out(f"Receiving a response from the server {show(server)} payload: {received}",
+                cli.event("answer", server=server, payload=received))
             if answer["payload"] == expected:
-                out("Hash of payload is correct")
+                out("Hash of payload is correct",
+                    cli.event("verified", server=server, payload=received))
                 correct += 1
             else:
-                out(f"Hash of payload is NOT correct: expected {expected}")
+                out(f"Hash of payload is NOT correct: expected {expected}",
+                    cli.event("wrong_hash", server=server, payload=received,
+                              expected=expected))
         elif answer["type"] == MessageType.ERROR:
             out(f"Error from the reverse proxy for payload {show(packet['payload'])}: "
-                f"{answer['code']}: {answer['message']}")
+                f"{answer['code']}: {answer['message']}",
+                cli.event("error_answer", code=answer["code"], error=answer["message"],
+                          payload=show(packet["payload"])))
         else:
             out(f"Unexpected {answer['type'].name} message from the reverse proxy instead "
-                f"of the answer for payload {show(packet['payload'])}")
+                f"of the answer for payload {show(packet['payload'])}",
+                cli.event("unexpected", type=answer["type"].name,
+                          payload=show(packet["payload"])))
     return correct
 
 
@@ -654,12 +663,12 @@ BENCH_OPTIONS = {"conns": BENCH_CONNS, "depth": BENCH_DEPTH, "size": BENCH_SIZE,
 
 
 def build_parser():
-    parser = netio.ArgumentParser(
+    parser = cli.ArgumentParser(
         "Client: sends the packets of a JSON file through the reverse proxy and checks "
         "that each answer carries the SHA-1 of its payload (PROTOCOL.md). With -bench, "
         "a load generator instead: random payloads for the policies of the file, every "
         "hash checked, a progress line each second and a summary at the end.")
-    parser.add_argument("-id", required=True, type=netio.arg_id,
+    parser.add_argument("-id", required=True, type=cli.arg_id,
                         help="this client's id (the srcid it sends)")
     parser.add_argument("-revproc", type=arg_addresses, default=[("127.0.0.1", 2100)],
                         metavar="RPPORT", help="the reverse proxy: PORT or HOST:PORT "
@@ -667,24 +676,25 @@ def build_parser():
                         "the connections are spread over round robin")
     parser.add_argument("-pkt", required=True, metavar="PKTFILE",
                         help="JSON file: one packet, an array of packets, or JSON lines")
-    parser.add_argument("-timeout", type=netio.arg_seconds, default=10.0, metavar="SECONDS",
+    parser.add_argument("-timeout", type=cli.arg_seconds, default=10.0, metavar="SECONDS",
                         help="time allowed for connecting and for all the answers; with "
                         "-bench, for opening each connection and for each answer")
-    parser.add_argument("-max-frame", type=netio.arg_count, default=protocol.DEFAULT_MAX_FRAME,
+    parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest answer frame accepted; with -bench, "
                         "also the largest DATA frame built")
     parser.add_tls_options(None, "CA (PEM) that checks the proxy: connect over TLS")
+    parser.add_output_options()
     load = parser.add_argument_group(
         "load mode", "Send random payloads for SECONDS through a closed loop of connections "
         "(exit 1 if any answer is wrong or missing). The packet file gives the policies; "
         "its payloads are not sent.")
-    load.add_argument("-bench", type=netio.arg_seconds, metavar="SECONDS",
+    load.add_argument("-bench", type=cli.arg_seconds, metavar="SECONDS",
                       help="run the load for this long")
-    load.add_argument("-conns", type=netio.arg_count, metavar="N",
+    load.add_argument("-conns", type=cli.arg_count, metavar="N",
                       help=f"connections that send (default: {BENCH_CONNS})")
-    load.add_argument("-depth", type=netio.arg_count, metavar="N",
+    load.add_argument("-depth", type=cli.arg_count, metavar="N",
                       help=f"DATA frames in flight on each of them (default: {BENCH_DEPTH})")
-    load.add_argument("-size", type=netio.arg_count, metavar="BYTES",
+    load.add_argument("-size", type=cli.arg_count, metavar="BYTES",
                       help=f"UTF-8 bytes of each payload (default: {BENCH_SIZE})")
     load.add_argument("-idle", type=arg_idle, metavar="N",
                       help="more connections, opened first and held open without "
@@ -714,12 +724,7 @@ def run_bench(args, packets, tls, parser):
                              random.Random())
     frames, hashes = bench_frames(args.id, policies, payloads)
 
-    def out(line):
-        print(line, flush=True)
-
-    def err(line):
-        print(line, file=sys.stderr, flush=True)
-
+    out, err = cli.say, cli.print_error
     where = ",".join(netio.format_address(address) for address in args.revproc)
     generator = LoadGenerator(frames, hashes, args.size, args.id, args.depth, args.timeout,
                               args.max_frame, out, err)
@@ -748,6 +753,7 @@ def run_bench(args, packets, tls, parser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.setup_output(args, background=False)
     if args.bench is None:
         given = [name for name in [*BENCH_OPTIONS, "json"] if getattr(args, name)
                  not in (None, False)]
@@ -766,48 +772,49 @@ def main(argv=None):
     if args.bench is not None:
         return run_bench(args, packets, tls, parser)
 
-    def out(line):
-        print(line, flush=True)
-
     host, port = args.revproc[0]
     where = netio.format_address((host, port))
     running_on = f"port {port}" if host == "127.0.0.1" else f"{where}"
     for packet in packets:
-        out(f"Sending message {show(packet['payload'])} to privacy policy "
-            f"{show(packet['privPoliId'])} through reverse proxy running on {running_on}")
+        cli.say(f"Sending message {show(packet['payload'])} to privacy policy "
+                f"{show(packet['privPoliId'])} through reverse proxy running on {running_on}",
+                cli.event("sent", payload=show(packet["payload"]),
+                          policy=packet["privPoliId"], proxy=where))
     try:
         conn = netio.connect(host, port, args.timeout, args.max_frame, tls)
     except OSError as exc:
-        print(f"client.py: cannot reach the reverse proxy at {where}: "
-              f"{netio.describe_error(exc)}", file=sys.stderr)
+        cli.print_error(f"client.py: cannot reach the reverse proxy at {where}: "
+                        f"{netio.describe_error(exc)}")
         return 1
     tls_hint = "" if tls else " (a proxy that serves TLS needs -tls-ca)"
     try:
-        correct = exchange(conn, packets, args.timeout, out)
+        correct = exchange(conn, packets, args.timeout, cli.say)
     except netio.ConnectionTimeout:
-        print(f"client.py: no answer from the reverse proxy at {where} within "
-              f"{args.timeout:g} s (-timeout)", file=sys.stderr)
+        cli.print_error(f"client.py: no answer from the reverse proxy at {where} within "
+                        f"{args.timeout:g} s (-timeout)")
         return 1
     except ProxyClosed as exc:
-        print(f"client.py: {exc}{tls_hint}", file=sys.stderr)
+        cli.print_error(f"client.py: {exc}{tls_hint}")
         return 1
     except protocol.ProtocolError as exc:
-        print(f"client.py: bad answer from the reverse proxy at {where}: {exc}",
-              file=sys.stderr)
+        cli.print_error(f"client.py: bad answer from the reverse proxy at {where}: {exc}")
+        return 1
+    except BrokenPipeError:
+        # The socket's EPIPE: a closed stdout never gets here (cli ends the program).
+        cli.print_error(f"client.py: the reverse proxy at {where} closed the connection "
+                        f"before every packet was sent{tls_hint}")
         return 1
     except OSError as exc:
-        print(f"client.py: connection to the reverse proxy at {where} failed: "
-              f"{netio.describe_error(exc)}{tls_hint}", file=sys.stderr)
+        cli.print_error(f"client.py: connection to the reverse proxy at {where} failed: "
+                        f"{netio.describe_error(exc)}{tls_hint}")
         return 1
     finally:
         conn.close()
     if len(packets) > 1:
-        out(f"{correct} of {len(packets)} packets answered with a correct hash")
+        cli.say(f"{correct} of {len(packets)} packets answered with a correct hash",
+                cli.event("summary", correct=correct, packets=len(packets)))
     return 0 if correct == len(packets) else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli.run(main)

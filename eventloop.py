@@ -48,6 +48,7 @@ import ssl
 import threading
 import time
 
+import cli
 import protocol
 from netio import describe_error
 
@@ -85,7 +86,7 @@ JOIN_SIZE = 65536
 EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 # Channel states.
-_CONNECTING, _HANDSHAKE, _OPEN, _LINGER, _CLOSED = range(5)
+_PREAMBLE, _CONNECTING, _HANDSHAKE, _OPEN, _LINGER, _CLOSED = range(6)
 
 
 class ConnectTimeout(TimeoutError):
@@ -237,8 +238,10 @@ class EventLoop:
         # One failing callback must not stop the loop: it is logged in one line, its
         # channel is closed, and the loop goes on (socketserver's handle_error does
         # the same for a request).
-        log.error("internal error in %s: %s: %s", getattr(callback, "__qualname__", callback),
-                  type(exc).__name__, exc)
+        where = getattr(callback, "__qualname__", str(callback))
+        log.error("internal error in %s: %s: %s", where, type(exc).__name__, exc,
+                  extra=cli.event("internal_error", where=where, error=type(exc).__name__,
+                                  reason=str(exc)))
         owner = getattr(callback, "__self__", None)
         if isinstance(owner, Channel):
             owner.abort(exc)
@@ -278,13 +281,20 @@ class Channel:
         max_frame: the largest frame body accepted, in bytes.
         tls: an ``ssl.SSLContext`` (server side for an accepted socket, client side
             for an outgoing one), or None for plain TCP.
+        preamble: for an accepted socket, ``f(bytes received so far)`` that reads a
+            header sent in the clear before the stream proper (a PROXY protocol
+            header): it returns None while the header is incomplete, else
+            ``(length, result)``, and raises ``ValueError`` for a bad one. Exactly
+            ``length`` bytes are taken from the socket, so that a TLS handshake can
+            follow; ``preamble_received(result)`` is called. None: no preamble.
 
     Attributes:
         peer: the label above.
         out_size: bytes queued and not yet handed to the kernel.
     """
 
-    def __init__(self, loop, sock, peer, max_frame=protocol.DEFAULT_MAX_FRAME, tls=None):
+    def __init__(self, loop, sock, peer, max_frame=protocol.DEFAULT_MAX_FRAME, tls=None,
+                 preamble=None):
         self.loop = loop
         self.sock = sock
         self.peer = peer
@@ -296,21 +306,35 @@ class Channel:
         self._tls_chunk = None
         self._interest = 0
         self._reading = True
+        self._read_ended = False  # the peer ended, or a framing error: never read again
         self._write_blocked = False
         self._close_when_flushed = None
         self._deadline = None
         self._armed = None
         self._generation = 0
         self._state = _OPEN
+        self._preamble = preamble
+        self._preamble_bytes = b""
 
     def start(self):
-        """Begin serving an accepted socket: the TLS handshake first, if any. Call once
-        the subclass is ready for its hooks."""
+        """Begin serving an accepted socket: the preamble and the TLS handshake first,
+        if any. Call once the subclass is ready for its hooks."""
         self.sock.setblocking(False)
+        if self._preamble is not None:
+            self._state = _PREAMBLE
+            self._update_interest()
+            return
+        self._begin()
+
+    def _begin(self):
         if self._tls is None:
+            self._state = _OPEN
             self._update_interest()
             self.connection_made()
             return
+        if self._interest:
+            self.loop.selector.unregister(self.sock)
+            self._interest = 0
         try:
             self.sock = self._tls.wrap_socket(self.sock, server_side=True,
                                               do_handshake_on_connect=False)
@@ -321,6 +345,9 @@ class Channel:
         self._handshake()
 
     # --- Hooks ----------------------------------------------------------------------
+
+    def preamble_received(self, result):
+        """The preamble (see ``preamble``) arrived; ``result`` is what it read."""
 
     def connection_made(self):
         """The channel is ready: an outgoing one connected, an accepted one started,
@@ -383,7 +410,7 @@ class Channel:
             self._update_interest()
 
     def resume_reading(self):
-        if not self._reading:
+        if not self._reading and not self._read_ended:
             self._reading = True
             self._update_interest()
 
@@ -520,7 +547,9 @@ class Channel:
     def _update_interest(self):
         if self._state == _CLOSED:
             return
-        if self._state == _CONNECTING:
+        if self._state == _PREAMBLE:
+            wanted = selectors.EVENT_READ
+        elif self._state == _CONNECTING:
             wanted = selectors.EVENT_WRITE if self.sock is not None else 0
         elif self._state == _HANDSHAKE:
             wanted = selectors.EVENT_WRITE if self._write_blocked else selectors.EVENT_READ
@@ -551,6 +580,32 @@ class Channel:
             self._handshake()
         elif state == _LINGER:
             self._linger_read()
+        elif state == _PREAMBLE:
+            self._read_preamble()
+
+    def _read_preamble(self):
+        # Peek, then take from the socket only the bytes of the preamble: what follows
+        # stays in the kernel for the TLS handshake or the frame decoder. Bytes that
+        # cannot end the preamble yet are all preamble, so they are taken too, and a
+        # level-triggered selector does not report them again.
+        try:
+            peeked = self.sock.recv(RECV_SIZE, socket.MSG_PEEK)
+            if not peeked:
+                self.abort(ConnectionError("closed before its preamble was complete"))
+                return
+            found = self._preamble(self._preamble_bytes + peeked)
+            take = len(peeked) if found is None else found[0] - len(self._preamble_bytes)
+            self._preamble_bytes += self.sock.recv(take)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError) as exc:
+            self.abort(exc)
+            return
+        if found is not None:
+            self._preamble_bytes = b""
+            self.preamble_received(found[1])
+            if self._state == _PREAMBLE:
+                self._begin()
 
     def read_now(self):
         """Read and hand on whatever the kernel holds already, without waiting (a proxy
@@ -578,6 +633,7 @@ class Channel:
             return False
         if not data:
             self._reading = False
+            self._read_ended = True
             self._update_interest()
             self.eof_received()
             return False
@@ -587,6 +643,7 @@ class Channel:
         self.frames_received(bodies)
         if error is not None and self._state == _OPEN:
             self._reading = False
+            self._read_ended = True
             self._update_interest()
             self.frame_error(error)
         return True
@@ -604,7 +661,7 @@ class Channel:
         self._deadline = None
         if self._state == _LINGER:
             self.abort()
-        elif self._state in (_CONNECTING, _HANDSHAKE):
+        elif self._state in (_PREAMBLE, _CONNECTING, _HANDSHAKE):
             self.abort(ConnectTimeout("timed out before the connection was ready"))
         else:
             self.timed_out(now)
@@ -667,8 +724,10 @@ class Channel:
             out[0] = memoryview(out[0])[sent:]
 
     def _finish_close(self):
-        if self._close_when_flushed == "linger" and self._tls is None:
+        if self._close_when_flushed == "linger":
             try:
+                # Over TLS too: ssl then skips close_notify and shuts down TCP
+                # sending; _linger_read drops what still comes, raw.
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 self.abort()
@@ -730,7 +789,9 @@ class Listener:
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # that peer gave up; the next one may be fine
-                log.warning("accept on %s failed: %s", self.name, describe_error(exc))
+                log.warning("accept on %s failed: %s", self.name, describe_error(exc),
+                            extra=cli.event("accept_failed", listener=self.name,
+                                            reason=describe_error(exc)))
                 break
             self.on_accept(sock, address)
         if not self._paused:
@@ -743,7 +804,9 @@ class Listener:
         if not self._complained:
             log.warning("cannot accept %s: %s (the process is out of descriptors or "
                         "memory); pausing accept, retrying every %g s at most until it "
-                        "recovers", self.name, describe_error(exc), MAX_ACCEPT_PAUSE)
+                        "recovers", self.name, describe_error(exc), MAX_ACCEPT_PAUSE,
+                        extra=cli.event("accept_paused", listener=self.name,
+                                        reason=describe_error(exc)))
             self._complained = True
         self._paused = True
         self.loop.selector.unregister(self.sock)
@@ -773,8 +836,11 @@ def listen_socket(host, port, backlog=BACKLOG):
     Raises:
         OSError: the address cannot be bound (port busy, unknown host, no IPv6).
     """
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except UnicodeError as exc:  # a label the IDNA codec refuses (over 63 characters)
+        raise OSError(f"'{host}' is not a valid host name ({exc})") from None
     family, _, _, _, address = infos[0]
     dual = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
     return socket.create_server(address, family=family, backlog=backlog, dualstack_ipv6=dual)

@@ -34,6 +34,7 @@ OVERLOADED and the server stays in its rotation.
 import collections
 import logging
 
+import cli
 import eventloop
 import protocol
 from protocol import MessageType, ServiceError, policy_text, show
@@ -171,9 +172,11 @@ class DataChannel(eventloop.Channel):
             if logged:
                 text = show(answer.get("payload", answer.get("message")))
                 packets.info("Received a data message from server id %s payload: %s",
-                             show(upstream.id), text)
+                             show(upstream.id), text,
+                             extra=cli.event("answer", server=upstream.key, payload=text))
                 packets.info("Forwarding a data message to client id %s payload: %s",
-                             show(pending.srcid), text)
+                             show(pending.srcid), text,
+                             extra=cli.event("reply", client=pending.srcid, payload=text))
             pending.client.answered(pending, frame, "ACK" if kind is MessageType.ACK
                                     else answer["code"])
         if queue:
@@ -267,7 +270,10 @@ class Forwarder:
         if packets.isEnabledFor(logging.INFO):
             packets.info("Received a data message from client %s privacy policy %s payload: %s",
                          show(pending.srcid), show(message["privPoliId"]),
-                         show(message["payload"]))
+                         show(message["payload"]),
+                         extra=cli.event("received", client=pending.srcid,
+                                         policy=message["privPoliId"],
+                                         payload=show(message["payload"]), peer=client.peer))
         try:
             upstream = self.registry.choose(message["privPoliId"])
         except ServiceError as exc:
@@ -278,7 +284,10 @@ class Forwarder:
     def _send(self, upstream, pending):
         if packets.isEnabledFor(logging.INFO):
             packets.info("Forwarding a data message to server id %s payload: %s",
-                         show(upstream.id), show(pending.message["payload"]))
+                         show(upstream.id), show(pending.message["payload"]),
+                         extra=cli.event("forward", client=pending.srcid, server=upstream.key,
+                                         policy=upstream.policy_key,
+                                         payload=show(pending.message["payload"])))
         pool = self.pools.get(upstream)
         if pool is None:
             pool = self.pools[upstream] = []
@@ -304,7 +313,10 @@ class Forwarder:
             exc = ServiceError(f"{which} of privacy policy {show(pending.message['privPoliId'])} failed "
                                f"({reasons})", protocol.UPSTREAM_FAILED)
         if exc.code != protocol.OVERLOADED:
-            log.warning("%s (client %s)", exc, show(pending.srcid))
+            log.warning("%s (client %s)", exc, show(pending.srcid),
+                        extra=cli.event(exc.code.lower(), client=pending.srcid,
+                                        policy=pending.message["privPoliId"],
+                                        reason=exc.message, peer=pending.client.peer))
         pending.client.answered(pending, protocol.encode_frame(
             protocol.error_message(exc, pending.srcid)), exc.code)
 
@@ -326,7 +338,9 @@ class Forwarder:
         if isinstance(exc, OSError) and exc.errno in eventloop.EXHAUSTED:
             log.warning("cannot open a data connection to server id %s at %s: %s; %d "
                         "frame(s) answered OVERLOADED", show(upstream.id), upstream.address,
-                        describe_error(exc), len(frames))
+                        describe_error(exc), len(frames),
+                        extra=cli.event("exhausted", id=upstream.key, address=upstream.address,
+                                        reason=describe_error(exc), frames=len(frames)))
             for pending in frames:
                 self._refuse(pending, ServiceError(
                     f"the proxy is out of descriptors ({describe_error(exc)}); try again "
@@ -352,12 +366,18 @@ class Forwarder:
         if state == DOWN:
             log.warning("server id %s of privacy policy %s at %s is down: %s; health "
                         "checks every %g s", show(upstream.id), show(upstream.policy),
-                        upstream.address, why, self.check_interval)
+                        upstream.address, why, self.check_interval,
+                        extra=cli.event("server_down", id=upstream.key,
+                                        policy=upstream.policy_key, address=upstream.address,
+                                        reason=why))
             self.loop.call_later(self.check_interval, self._check, upstream)
         elif state == LEFT:
             log.warning("server id %s of privacy policy %s at %s dropped: %s (it has no "
                         "heartbeat session)", show(upstream.id), show(upstream.policy),
-                        upstream.address, why)
+                        upstream.address, why,
+                        extra=cli.event("server_dropped", id=upstream.key,
+                                        policy=upstream.policy_key, address=upstream.address,
+                                        reason=why))
         if state is not None:
             self.retire(upstream)
 
@@ -383,7 +403,9 @@ class Forwarder:
         if state == UP:
             log.info("server id %s of privacy policy %s at %s is back up after %d good "
                      "health checks", show(upstream.id), show(upstream.policy),
-                     upstream.address, self.rise)
+                     upstream.address, self.rise,
+                     extra=cli.event("server_up", id=upstream.key, policy=upstream.policy_key,
+                                     address=upstream.address))
         elif state == DOWN and not self.stopping:
             self.loop.call_later(max(0.0, started + self.check_interval - self.loop.now),
                                  self._check, upstream)

@@ -1,5 +1,5 @@
 """Who may register: the policy keys, nonces and refusals of PROTOCOL.md sections 7
-and 8, as pure code (no sockets; the clock and the nonce source are injected).
+and 9, as pure code (no sockets; the clock and the nonce source are injected).
 
 The proxy keeps one ``Attempt`` per registration connection and asks the
 ``RegistrationGate`` about every SETUP that comes on it:
@@ -23,7 +23,7 @@ from protocol import ServiceError, policy_text, show
 __all__ = ["NONCE_LIFETIME", "MAX_FAILURES", "Attempt", "RegistrationGate",
            "load_policy_keys"]
 
-# A nonce is good once, for this many seconds (PROTOCOL.md section 8). A server
+# A nonce is good once, for this many seconds (PROTOCOL.md section 9). A server
 # answers a challenge in milliseconds; 10 s covers a slow TLS peer and is short
 # enough that a captured nonce is useless. Kerberos allows 5 minutes of clock skew,
 # but here the proxy is both issuer and checker, so no skew applies.
@@ -140,7 +140,7 @@ class RegistrationGate:
 
 def load_policy_keys(path):
     """Read a policy key file: one ``POLICY KEY`` pair per line, ``#`` comments
-    (PROTOCOL.md section 8).
+    (PROTOCOL.md section 9).
 
     Returns:
         dict: policy text (or ``"*"``) -> key bytes.

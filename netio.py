@@ -1,4 +1,4 @@
-"""Sockets, threads, TLS and command-line plumbing shared by the three programs.
+"""Sockets, threads and TLS shared by the three programs.
 
 ``protocol.py`` knows frames and messages and nothing of sockets; this module is the
 thread-per-connection layer on top of it (after ``websockets.sync``):
@@ -11,12 +11,12 @@ thread-per-connection layer on top of it (after ``websockets.sync``):
   record of live connections so that ``drain`` can wake and join every handler, and
   errors logged in one line instead of a traceback.
 * ``run_until_stopped`` runs such a server until SIGTERM or Ctrl-C.
-* ``ArgumentParser`` and the ``arg_*`` types give every program the same usage
-  errors (exit status 2, PROTOCOL.md section 5).
+
+The command line, the output streams and the log are ``cli.py``'s.
 """
 
-import argparse
 import collections
+import errno
 import logging
 import select
 import signal
@@ -134,12 +134,12 @@ class Connection:
                 left = max(0.0, deadline - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
             try:
-                if timeout is not None and timeout <= 0:
-                    # settimeout(0) would mean "do not block", not "time is up".
-                    raise socket.timeout
-                self.sock.settimeout(timeout)
+                # Time up: bytes that came in time may still wait in the kernel (the
+                # caller was busy answering); take them without waiting.
+                # settimeout(0) means "do not block", not "time is up".
+                self.sock.settimeout(0.0 if timeout is not None and timeout <= 0 else timeout)
                 chunk = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
                 mid = self._frame_started is not None
                 raise ConnectionTimeout(
                     f"timed out waiting for {'the rest of a frame' if mid else 'a frame'} "
@@ -323,6 +323,15 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     * ``request_queue_size = 128``: the listen backlog; socketserver's 5 drops SYNs
       under a burst of connections and costs the peers a one-second retry.
     * ``daemon_threads = True``: ``drain`` joins handlers itself, with a bound.
+    * ``accept_pause_first = 0.005``, ``accept_pause_max = 1.0`` (seconds): when
+      accept() fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+      ENOMEM) the listening socket stays readable, and retrying at once would spin a
+      core; the accept thread pauses instead, doubling from the first pause to the
+      cap until an accept succeeds. Go's net/http Server pauses 5 ms doubling to 1 s.
+
+    The address family follows the host (``getaddrinfo`` with ``AI_PASSIVE``):
+    ``127.0.0.1`` or ``::1``; ``0.0.0.0`` (or an empty host) listens on every IPv4
+    address, ``::`` on every IPv6 and IPv4 address (a dual-stack socket).
 
     Args:
         address: ``(host, port)``; port 0 picks a free port (see ``port``).
@@ -333,13 +342,15 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         handshake_timeout: seconds allowed for a TLS handshake.
 
     Raises:
-        OSError: the address cannot be bound (port busy, bad address).
+        OSError: the address cannot be resolved or bound (port busy, bad address).
     """
 
     allow_reuse_address = True
     request_queue_size = 128
     daemon_threads = True
     block_on_close = False
+    accept_pause_first = 0.005
+    accept_pause_max = 1.0
 
     def __init__(self, address, *, max_frame=protocol.DEFAULT_MAX_FRAME, max_conns=1024,
                  tls=None, handshake_timeout=10.0):
@@ -351,7 +362,47 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._lock = threading.Condition()
         self._accepting = 0
         self._draining = False
-        super().__init__(address, socketserver.BaseRequestHandler)
+        # Only the accept thread touches the pause; shutdown() sets the event to cut
+        # a pause short.
+        self._accept_pause = 0.0
+        self._accept_wake = threading.Event()
+        host, port = address
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                socket.AI_PASSIVE)[0]
+        except UnicodeError as exc:  # a label the IDNA codec refuses (over 63 characters)
+            raise OSError(f"'{host}' is not a valid host name ({exc})") from None
+        self.address_family = family
+        super().__init__(sockaddr, socketserver.BaseRequestHandler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # "Every address" includes IPv4, whatever the system's bindv6only says.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def get_request(self):
+        try:
+            request = super().get_request()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            if not self._accept_pause:
+                log.warning("cannot accept connections: %s (%d connections open); pausing "
+                            "accept until some close", describe_error(exc), self._accepting)
+            self._accept_pause = min(max(2 * self._accept_pause, self.accept_pause_first),
+                                     self.accept_pause_max)
+            self._accept_wake.wait(self._accept_pause)
+            raise  # socketserver skips this round and selects again
+        if self._accept_pause:
+            self._accept_pause = 0.0
+            log.info("accepting connections again")
+        return request
+
+    def shutdown(self):
+        self._accept_wake.set()
+        super().shutdown()
 
     @property
     def port(self):
@@ -460,6 +511,13 @@ class Signals:
         for signum in signums:
             signal.signal(signum, _no_work)
 
+    def close(self):
+        """Stop receiving signal numbers: clear the wake-up fd, close the sockets. The
+        handlers stay (they do nothing)."""
+        signal.set_wakeup_fd(-1)
+        self._reader.close()
+        self._writer.close()
+
     def post(self, signum):
         """Deliver ``signum`` to ``wait`` as if it had been received. Thread-safe."""
         try:
@@ -508,153 +566,3 @@ def run_until_stopped(server, on_stop, signals, drain_timeout=4.0):
     server.drain(drain_timeout)
     server.server_close()
 
-
-def setup_logging():
-    """Send log lines to standard output, one line each, flushed as written.
-
-    Per-packet lines go to the ``rproxy.packets`` logger, so ``-quiet`` can silence
-    them alone. An exception that escapes a thread is logged in one line, never as a
-    traceback.
-    """
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    # A closed stdout (a launcher gone) must not print logging's own tracebacks.
-    logging.raiseExceptions = False
-
-    def one_line(args):
-        if args.exc_type is not SystemExit:
-            log.error("internal error in thread %s: %s: %s",
-                      args.thread.name if args.thread else "?", args.exc_type.__name__,
-                      args.exc_value)
-
-    threading.excepthook = one_line
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # Show "(default: ...)" only where there is a default worth reading.
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default:" in action.help:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the assignment's single-dash options; usage errors exit 2."""
-
-    def __init__(self, description, **kwargs):
-        super().__init__(description=description, allow_abbrev=False,
-                         formatter_class=_HelpFormatter, **kwargs)
-
-    def add_limit_options(self):
-        """Add the limits of a listening program: ``-max-conns``, ``-frame-timeout``
-        and ``-idle-timeout`` (defaults: 1024 connections, 10 s, 300 s; nginx's
-        ``client_header_timeout`` is 60 s, HAProxy's ``timeout client`` is commonly
-        30 s to a few minutes)."""
-        self.add_argument("-max-conns", type=arg_count, default=1024, metavar="N",
-                          help="open connections allowed; more are answered OVERLOADED")
-        self.add_argument("-frame-timeout", type=arg_seconds, default=10.0,
-                          metavar="SECONDS", help="time a frame may take to arrive")
-        self.add_argument("-idle-timeout", type=arg_seconds, default=300.0,
-                          metavar="SECONDS",
-                          help="time a connection may stay idle between frames")
-
-    def add_tls_options(self, cert_help, ca_help):
-        """Add ``-tls-cert``/``-tls-key`` (when ``cert_help``) and ``-tls-ca``."""
-        if cert_help:
-            self.add_argument("-tls-cert", metavar="FILE", help=cert_help)
-            self.add_argument("-tls-key", metavar="FILE",
-                              help="private key of -tls-cert (PEM)")
-        self.add_argument("-tls-ca", metavar="FILE", help=ca_help)
-
-    def parse_program_args(self, argv, check_peers=False):
-        """Parse the command line of a listening program (the proxy, a server), set up
-        logging (``-quiet`` silences the per-packet lines) and load the TLS files.
-
-        Args:
-            check_peers: with ``-tls-ca``, the listening side checks the certificates
-                its peers present (the proxy, for mutual TLS).
-
-        Returns:
-            (args, listen_tls, connect_tls): the parsed arguments, the server-side
-            ``ssl.SSLContext`` (``-tls-cert``) and the client-side one (``-tls-ca``),
-            each None when not asked for. A usage error exits 2.
-        """
-        args = self.parse_args(argv)
-        if (args.tls_cert is None) != (args.tls_key is None):
-            self.error("-tls-cert and -tls-key go together")
-        setup_logging()
-        if args.quiet:
-            logging.getLogger("rproxy.packets").setLevel(logging.WARNING)
-        try:
-            listen_tls = connect_tls = None
-            if args.tls_cert:
-                listen_tls = server_tls_context(args.tls_cert, args.tls_key,
-                                                args.tls_ca if check_peers else None)
-            if args.tls_ca:
-                connect_tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-        except (OSError, ValueError) as exc:
-            self.error(f"cannot load TLS files: {describe_error(exc)}")
-        return args, listen_tls, connect_tls
-
-    def exit_cannot_listen(self, host, port, exc):
-        """Report an address that cannot be bound (busy port) and exit 1."""
-        self.exit(1, f"{self.prog}: cannot listen on {format_address((host, port))}: "
-                     f"{describe_error(exc)}\n")
-
-
-def _arg_type(parse):
-    def convert(text):
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = parse.__name__
-    return convert
-
-
-@_arg_type
-def arg_port(text):
-    """A listening port, 0..65535 (0: pick a free port)."""
-    return protocol.parse_port(text)
-
-
-@_arg_type
-def arg_hostport(text):
-    """``PORT`` or ``HOST:PORT`` of a peer."""
-    return protocol.parse_hostport(text)
-
-
-@_arg_type
-def arg_listen_address(text):
-    """``PORT`` or ``HOST:PORT`` to listen on; port 0 picks a free port."""
-    return protocol.parse_hostport(text, allow_zero=True)
-
-
-@_arg_type
-def arg_id(text):
-    """An id or policy id: any non-empty text."""
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-@_arg_type
-def arg_seconds(text):
-    """A duration in seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"'{text}' is not a number of seconds above 0")
-    return value
-
-
-@_arg_type
-def arg_count(text):
-    """A whole number of at least 1."""
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ValueError(f"'{text}' is not a whole number of at least 1")
-    return int(text)

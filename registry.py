@@ -150,7 +150,7 @@ class Rotation:
                         < best.in_flight * upstream.weight):
                     best, best_index = upstream, index
             return best_index
-        total = 0
+        total = best_credit = 0
         credits = []
         start = self.anchor
         for step in range(count):

@@ -30,23 +30,25 @@ Threads and locks:
   microseconds (a choice, a state change, a snapshot), never across I/O.
 * The resolver pool of the event loop (up to two threads, only for SETUP host names
   that are not IP literals) resolves names and posts the result to the loop.
-* Log lines are written by logging's handler in whichever thread logs.
+* Log lines are queued by whichever thread logs, without waiting, and written by
+  the log writer thread (``cli.setup_output``): no thread here waits for stdout.
 """
 
 import ipaddress
 import logging
 import signal
 import socket
-import sys
 import threading
 import time
 
+import cli
 import eventloop
 import forwarder
 import gate
 import metrics
 import netio
 import protocol
+import proxy_protocol
 import stats
 from protocol import MessageType, ServiceError, show
 from registry import BALANCES, ROUNDROBIN, Registry
@@ -76,8 +78,9 @@ class FrontChannel(eventloop.Channel):
     heartbeat the connection stays as the server's session.
     """
 
-    def __init__(self, proxy, sock, peer, host):
-        super().__init__(proxy.loop, sock, peer, proxy.max_frame, proxy.tls)
+    def __init__(self, proxy, sock, peer, host, proxied=False):
+        super().__init__(proxy.loop, sock, peer, proxy.max_frame, proxy.tls,
+                         _proxy_header if proxied else None)
         self.proxy = proxy
         self.host = host
         self.role = None
@@ -99,6 +102,13 @@ class FrontChannel(eventloop.Channel):
         self.set_deadline(self.loop.now + self.proxy.frame_timeout)
         super().start()
 
+    def preamble_received(self, header):
+        # The client's address, as the front tier saw it (PROXY protocol); LOCAL (the
+        # front tier's own health check) and UNKNOWN keep the real one.
+        if header.source is not None:
+            self.host = header.source[0]
+            self.peer = protocol.format_address(*header.source)
+
     def connection_made(self):
         self.ready = True
         self._arm()
@@ -114,7 +124,8 @@ class FrontChannel(eventloop.Channel):
             try:
                 message, frame = protocol.parse_passable(body)
             except protocol.MessageError as exc:
-                log.warning("%s (from %s)", exc, self.peer)
+                log.warning("%s (from %s)", exc, self.peer,
+                            extra=cli.event("bad_message", peer=self.peer, reason=exc.message))
                 self.answer(seq, protocol.encode_frame(protocol.error_message(exc)),
                             exc.code)
                 continue
@@ -148,7 +159,8 @@ class FrontChannel(eventloop.Channel):
         self._arm()
 
     def frame_error(self, exc):
-        log.warning("%s (from %s)", exc, self.peer)
+        log.warning("%s (from %s)", exc, self.peer,
+                    extra=cli.event(exc.code.lower(), peer=self.peer, reason=exc.message))
         self.finishing = True
         self.answer(self.next_seq, protocol.encode_frame(protocol.error_message(exc)),
                     exc.code, linger=True)
@@ -162,7 +174,7 @@ class FrontChannel(eventloop.Channel):
     def timed_out(self, now):
         if self.partial_since is not None:
             log.warning("closing connection from %s: timed out waiting for the rest of a "
-                        "frame", self.peer)
+                        "frame", self.peer, extra=cli.event("frame_timeout", peer=self.peer))
             self.finishing = True
             self.pause_reading()
             self.answer(self.next_seq, protocol.encode_frame(protocol.error(
@@ -173,7 +185,8 @@ class FrontChannel(eventloop.Channel):
             self.proxy.session_silent(self.session_of)
             self.abort()
         else:
-            log.info("closing connection from %s: timed out waiting for a frame", self.peer)
+            log.info("closing connection from %s: timed out waiting for a frame", self.peer,
+                     extra=cli.event("idle_timeout", peer=self.peer))
             self.abort()
 
     # --- Answers out ------------------------------------------------------------------
@@ -252,10 +265,18 @@ class FrontChannel(eventloop.Channel):
         self.proxy.front.discard(self)
         if exc is not None and not self.ready:
             log.warning("connection from %s failed before its first frame: %s", self.peer,
-                        netio.describe_error(exc))
+                        netio.describe_error(exc),
+                        extra=cli.event("connection_failed", peer=self.peer,
+                                        reason=netio.describe_error(exc)))
         upstream = self.session_of
         if upstream is not None and not self.proxy.stopping:
             self.proxy.session_ended(upstream)
+
+
+def _proxy_header(received):
+    # The preamble of a connection on the front-tier listener (eventloop.Channel).
+    header = proxy_protocol.parse(received)
+    return None if header is proxy_protocol.NEED_DATA else (header.length, header)
 
 
 class ReverseProxy:
@@ -278,8 +299,11 @@ class ReverseProxy:
         balance: ``{policy text or "*": "roundrobin" or "leastconn"}``.
         upstream_timeout, check_interval, rise, pool_size: see ``forwarder.Forwarder``.
         frame_timeout: seconds a frame may take from its first byte to its last (and a
-            TLS handshake may take).
+            TLS handshake, or a PROXY protocol header, may take).
         idle_timeout: seconds a connection may stay idle with nothing in flight.
+        proxy_protocol_address: ``(host, port)`` of a second listener for a front
+            tier, on which every connection begins with a PROXY protocol header
+            (version 1 or 2) whose source address is the client's; None: none.
 
     Raises:
         OSError: the address cannot be bound.
@@ -288,7 +312,8 @@ class ReverseProxy:
     def __init__(self, address, *, max_frame=protocol.DEFAULT_MAX_FRAME, max_conns=1024,
                  tls=None, upstream_tls=None, policy_keys=None, require_client_cert=False,
                  balance=None, upstream_timeout=2.0, check_interval=1.0, rise=2,
-                 pool_size=8, frame_timeout=10.0, idle_timeout=300.0):
+                 pool_size=8, frame_timeout=10.0, idle_timeout=300.0,
+                 proxy_protocol_address=None):
         self.max_frame = max_frame
         self.max_conns = max_conns
         self.tls = tls
@@ -309,10 +334,20 @@ class ReverseProxy:
         self.stopping = False
         self.started = self.loop.now
         self._drained = threading.Event()
+        self.listeners = []
         try:
             self.listener = eventloop.Listener(
                 self.loop, eventloop.listen_socket(*address), self._accept)
+            self.listeners.append(self.listener)
+            self.front_tier = None
+            if proxy_protocol_address is not None:
+                self.front_tier = eventloop.Listener(
+                    self.loop, eventloop.listen_socket(*proxy_protocol_address),
+                    self._accept_proxied, "front-tier connections")
+                self.listeners.append(self.front_tier)
         except BaseException:
+            for listener in self.listeners:
+                listener.close()
             self.loop.close()
             raise
         self._thread = None
@@ -343,12 +378,16 @@ class ReverseProxy:
 
     # --- Loop thread ------------------------------------------------------------------
 
-    def _accept(self, sock, address):
+    def _accept_proxied(self, sock, address):
+        self._accept(sock, address, proxied=True)
+
+    def _accept(self, sock, address, proxied=False):
         host = _unmapped(address[0])
         peer = protocol.format_address(host, address[1])
         if self.stopping or len(self.front) >= self.max_conns:
             log.warning("refusing connection from %s: %d connections open (-max-conns)",
-                        peer, self.max_conns)
+                        peer, self.max_conns,
+                        extra=cli.event("overloaded", peer=peer, max_conns=self.max_conns))
             _refuse(sock, protocol.encode_frame(protocol.error(
                 protocol.OVERLOADED, f"the proxy has {self.max_conns} connections open, its "
                 "maximum; try again later")))
@@ -359,7 +398,7 @@ class ReverseProxy:
         except OSError:
             sock.close()
             return
-        FrontChannel(self, sock, peer, host).start()
+        FrontChannel(self, sock, peer, host, proxied).start()
 
     def register(self, channel, seq, message):
         """Answer one SETUP on ``channel`` with REGISTERED or ERROR (sections 3, 6, 7)."""
@@ -371,7 +410,8 @@ class ReverseProxy:
                 message, message.get("host") or channel.host, channel,
                 move_policy=self.gate.open)
         except ServiceError as exc:
-            log.warning("unauthorized: %s (from %s)", exc.message, channel.peer)
+            log.warning("unauthorized: %s (from %s)", exc.message, channel.peer,
+                        extra=cli.event("refused", peer=channel.peer, reason=exc.message))
             self.totals.registrations["refused"] += 1
             answer, close = self.gate.refusal(channel.attempt, exc)
             channel.answer(seq, protocol.encode_frame(answer), exc.code, linger=close)
@@ -383,13 +423,19 @@ class ReverseProxy:
             session = old.session
             if session is not None and session is not channel and not session.is_closed:
                 log.info("server id %s registered again from %s: its session from %s is "
-                         "replaced and closed", show(upstream.id), channel.peer, session.peer)
+                         "replaced and closed", show(upstream.id), channel.peer, session.peer,
+                         extra=cli.event("session_replaced", id=upstream.key,
+                                         peer=channel.peer, old_peer=session.peer))
                 session.session_of = None
                 session.abort()
         log.info("Received setup message from server id %s privacy policy %s port %d%s",
                  show(upstream.id), show(upstream.policy), upstream.port,
                  f" (heartbeat {upstream.heartbeat:g} s)" if upstream.heartbeat else
-                 " (no heartbeat: legacy registration)")
+                 " (no heartbeat: legacy registration)",
+                 extra=cli.event("registered", id=upstream.key, policy=upstream.policy_key,
+                                 port=upstream.port, address=upstream.address,
+                                 heartbeat=upstream.heartbeat, weight=upstream.weight,
+                                 peer=channel.peer))
         channel.answer(seq, protocol.encode_frame(protocol.registered(upstream.id,
                                                                       upstream.policy)))
 
@@ -397,7 +443,9 @@ class ReverseProxy:
         """The session of ``upstream`` closed: it leaves its rotation (section 6)."""
         if self.registry.end_session(upstream):
             log.info("server id %s of privacy policy %s left: its session closed",
-                     show(upstream.id), show(upstream.policy))
+                     show(upstream.id), show(upstream.policy),
+                     extra=cli.event("left", id=upstream.key, policy=upstream.policy_key,
+                                     address=upstream.address))
             self.forwarder.retire(upstream)
 
     def session_silent(self, upstream):
@@ -405,13 +453,17 @@ class ReverseProxy:
         if self.registry.end_session(upstream):
             log.info("server id %s of privacy policy %s is down: no frame on its session "
                      "for %g s (3 heartbeats); removed from the rotation",
-                     show(upstream.id), show(upstream.policy), 3 * upstream.heartbeat)
+                     show(upstream.id), show(upstream.policy), 3 * upstream.heartbeat,
+                     extra=cli.event("server_down", id=upstream.key,
+                                     policy=upstream.policy_key, address=upstream.address,
+                                     reason="session silent"))
             self.forwarder.retire(upstream)
 
     def _drain(self):
         self.stopping = True
         self.forwarder.stopping = True
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         for channel in list(self.front):
             channel.drain()
         self._check_drained()
@@ -445,6 +497,28 @@ class ReverseProxy:
                 "policies": self.registry.snapshot(latency)}
 
     # --- Any thread -----------------------------------------------------------------------
+
+    def reload_keys(self, path):
+        """Read the policy key file ``path`` again and put its keys in force for the
+        registrations to come (SIGHUP, as ``nginx -s reload``); servers registered
+        already stay, and no connection is closed. A file that cannot be read or
+        parsed keeps the old keys, and the log says why. Call from any thread: the
+        keys are swapped in the loop thread, which reads them."""
+        try:
+            keys = gate.load_policy_keys(path)
+        except ValueError as exc:
+            log.warning("keeping the policy keys in force: %s", exc,
+                        extra=cli.event("keys_kept", file=path, reason=str(exc)))
+            return
+
+        def swap():
+            added, removed, changed = self.gate.reload(keys)
+            log.info("Policy keys reloaded from %s: added %s; removed %s; changed %s", path,
+                     ", ".join(added) or "none", ", ".join(removed) or "none",
+                     ", ".join(changed) or "none",
+                     extra=cli.event("keys_reloaded", file=path, added=added,
+                                     removed=removed, changed=changed))
+        self.loop.post(swap)
 
     def stats(self, timeout=2.0):
         """The stats document (README.md, "Observability"; the body of
@@ -521,32 +595,36 @@ def parse_balance(text):
 
 
 def build_parser():
-    parser = netio.ArgumentParser(
+    parser = cli.ArgumentParser(
         "Policy-routed reverse proxy: forwards each DATA frame round-robin to a live "
         "upstream server of its privacy policy and relays the answer (PROTOCOL.md).")
-    parser.add_argument("-port", type=netio.arg_port, default=2100,
+    parser.add_argument("-port", type=cli.arg_port, default=2100,
                         help="TCP port to listen on; 0 picks a free port")
     parser.add_argument("-host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 (or ::) serves other machines")
-    parser.add_argument("-max-frame", type=netio.arg_count, default=protocol.DEFAULT_MAX_FRAME,
+    parser.add_argument("-proxy-protocol-port", type=cli.arg_port, metavar="PORT",
+                        help="also listen on PORT (same -host) for a front tier such as "
+                             "HAProxy: every connection there begins with a PROXY "
+                             "protocol header (v1 or v2) giving the client's address; "
+                             "0 picks a free port")
+    parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest frame body accepted")
-    parser.add_argument("-quiet", action="store_true",
-                        help="do not print the four lines per packet")
-    parser.add_argument("-balance", type=netio._arg_type(parse_balance), action="append",
+    parser.add_output_options("do not print the four lines per packet")
+    parser.add_argument("-balance", type=cli.arg_type(parse_balance), action="append",
                         default=[], metavar="[POLICY=]ALG",
                         help="roundrobin (the default) or leastconn, for every policy or "
                              "for one; repeatable")
-    parser.add_argument("-upstream-timeout", type=netio.arg_seconds, default=2.0,
+    parser.add_argument("-upstream-timeout", type=cli.arg_seconds, default=2.0,
                         metavar="SECONDS",
                         help="time a server may take to accept a connection, and to "
                              "answer a frame once it can start on it")
-    parser.add_argument("-check-interval", type=netio.arg_seconds, default=1.0,
+    parser.add_argument("-check-interval", type=cli.arg_seconds, default=1.0,
                         metavar="SECONDS", help="time between health checks of a down server")
-    parser.add_argument("-rise", type=netio.arg_count, default=2, metavar="N",
+    parser.add_argument("-rise", type=cli.arg_count, default=2, metavar="N",
                         help="good health checks in a row that bring a server back")
-    parser.add_argument("-pool-size", type=netio.arg_count, default=8, metavar="N",
+    parser.add_argument("-pool-size", type=cli.arg_count, default=8, metavar="N",
                         help="data connections at most per server")
-    parser.add_argument("-stats", type=netio.arg_listen_address, metavar="ADDR",
+    parser.add_argument("-stats", type=cli.arg_listen_address, metavar="ADDR",
                         help="serve the stats page, /stats.json, /metrics and /healthz "
                              "over HTTP on PORT or HOST:PORT (host 127.0.0.1 unless "
                              "given; 0 picks a free port)")
@@ -577,11 +655,18 @@ def main(argv=None):
             require_client_cert=bool(args.tls_cert and args.tls_ca),
             balance=dict(args.balance), upstream_timeout=args.upstream_timeout,
             check_interval=args.check_interval, rise=args.rise, pool_size=args.pool_size,
-            frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout)
+            frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout,
+            proxy_protocol_address=None if args.proxy_protocol_port is None else (
+                args.host, args.proxy_protocol_port))
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.port, exc)
     signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1))
-    log.info("Running the reverse proxy on port %d", proxy.port)
+    cli.on_output_closed(lambda: signals.post(signal.SIGTERM))
+    log.info("Running the reverse proxy on port %d", proxy.port,
+             extra=cli.event("listening", port=proxy.port))
+    if proxy.front_tier is not None:
+        log.info("Front-tier listener (PROXY protocol v1 or v2) on port %d",
+                 proxy.front_tier.port)
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "
                  "policy (use -policy-keys to require keys)", proxy.port)
@@ -614,4 +699,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -1,25 +1,37 @@
-"""Upstream server: registers with the reverse proxy and answers DATA with its SHA-1.
+"""Upstream server: registers with reverse proxies and answers DATA with its SHA-1.
 
-    python server.py -id ID -pp PPID -listen LPORT -revproc RPPORT
+    python server.py -id ID -pp PPID -listen LPORT -revproc RPPORT[,RPPORT...]
 
-It binds its data port first, then registers (SETUP) with the proxy and keeps that
-connection as its heartbeat session (PROTOCOL.md section 6): a PING every
-``-heartbeat`` seconds, and a new registration, after a growing pause, whenever the
-session is lost or the proxy is not up yet. Each data connection from the proxy gets
-a thread that answers every DATA frame with the ACK of section 2 and every PING with
-a PONG (the proxy's health check).
+It binds its data port first (IPv4 or IPv6, as ``-host`` says), then registers
+(SETUP) with every proxy of ``-revproc``, each through a ``Registrar`` thread of its
+own that keeps that connection as its heartbeat session (PROTOCOL.md section 6): a
+PING every ``-heartbeat`` seconds, and a new registration, after a growing pause,
+whenever the session is lost or the proxy is not up yet. The sessions are
+independent: one proxy down or restarting costs nothing with the others. The SETUP
+carries ``-weight``, this server's share of its policy's rotation (the team's
+PROTOCOL.md section 8). Each data connection from a proxy gets a thread that answers
+every DATA frame with the ACK of section 2 and every PING with a PONG (the proxy's
+health check).
 
-On SIGTERM or Ctrl-C it leaves gracefully: it closes its session and waits for the
-proxy to close it too (so the proxy chooses it no more), answers the frames it has
+A proxy that refuses the SETUP (UNAUTHORIZED: no key or a wrong one) is not asked
+again; the server goes on with the others, and exits 1 when every proxy refused.
+
+On SIGTERM or Ctrl-C it leaves gracefully: it closes every session and waits for the
+proxies to close them too (so they choose it no more), answers the frames it has
 already received, and exits 0.
+
+Threads: the main thread waits for signals; ``accept`` runs the data port's accept
+loop (``netio.FramedServer``); one thread per data connection; one ``Registrar`` per
+proxy, which alone owns its session connection (``leave`` only half-closes it).
 """
 
+import ipaddress
 import logging
 import signal
-import sys
 import threading
 import time
 
+import cli
 import netio
 import protocol
 from protocol import MessageType, show
@@ -34,6 +46,15 @@ FIRST_PAUSE = 0.1
 MAX_PAUSE = 1.0
 # A session that lasted this long (seconds) resets the pause to FIRST_PAUSE.
 STABLE_SESSION = 5.0
+# Seconds a stopping server waits, for all its sessions together, for the proxies
+# to close their side. A live proxy closes at once; 2 s bounds one that hangs, and
+# leaves room for netio.run_until_stopped's drain in the issue's 5 s exit (HAProxy's
+# `timeout client-fin`, the same wait for a peer's close, is commonly 1 to 30 s).
+LEAVE_TIMEOUT = 2.0
+# The SETUP weight when -weight is not given: 1, as nginx's and HAProxy's default
+# server weight; a weight of 1 is the SETUP without the field (PROTOCOL.md, team's
+# section 8), so a default server sends the assignment's SETUP unchanged.
+DEFAULT_WEIGHT = 1
 
 
 class RegistrationRefused(Exception):
@@ -106,7 +127,7 @@ class UpstreamServer(netio.FramedServer):
 
 
 class Registrar(threading.Thread):
-    """Keeps this server registered with the proxy (PROTOCOL.md sections 3 and 6).
+    """Keeps this server registered with one proxy (PROTOCOL.md sections 3 and 6).
 
     Args:
         proxy: ``(host, port)`` of the proxy.
@@ -114,13 +135,18 @@ class Registrar(threading.Thread):
         key: the policy key (bytes) for a registration proof, or None.
         tls: ``ssl.SSLContext`` for the connection to the proxy, or None.
         connect_timeout: seconds for connecting and for each answer.
-        on_refused: called (from this thread) when the proxy refuses the SETUP; the
-            refusal is then in ``refused``.
+        on_refused: called with this Registrar (from its thread) when the proxy
+            refuses the SETUP; the refusal is then in ``refused``, and the thread ends.
+
+    Attributes:
+        where: the proxy's ``"host:port"`` (``"[v6]:port"``), as log lines name it.
+        refused: None, or the refusal: ``"CODE: message"`` (str).
     """
 
     def __init__(self, proxy, setup_message, key=None, tls=None, connect_timeout=2.0,
-                 on_refused=lambda: None):
-        super().__init__(name="registrar", daemon=True)
+                 on_refused=lambda registrar: None):
+        self.where = netio.format_address(proxy)
+        super().__init__(name=f"registrar {self.where}", daemon=True)
         self.proxy = proxy
         self.setup_message = setup_message
         self.key = key
@@ -135,13 +161,12 @@ class Registrar(threading.Thread):
 
     def run(self):
         pause = FIRST_PAUSE
-        where = netio.format_address(self.proxy)
         while not self._stopping.is_set():
             try:
                 conn = netio.connect(*self.proxy, self.connect_timeout, tls=self.tls)
             except OSError as exc:
                 log.info("Cannot reach the reverse proxy at %s (%s); retrying in %g s",
-                         where, netio.describe_error(exc), pause)
+                         self.where, netio.describe_error(exc), pause)
             else:
                 try:
                     self._register(conn)
@@ -157,13 +182,13 @@ class Registrar(threading.Thread):
                             pause = FIRST_PAUSE
                 except RegistrationRefused as exc:
                     self.refused = str(exc)
-                    self.on_refused()
+                    self.on_refused(self)
                     return
                 except (SessionLost, OSError, protocol.ProtocolError) as exc:
                     if self._stopping.is_set():
                         return
                     log.info("Lost the session with the reverse proxy at %s (%s); "
-                             "registering again in %g s", where,
+                             "registering again in %g s", self.where,
                              netio.describe_error(exc) if isinstance(exc, OSError) else exc,
                              pause)
                 finally:
@@ -193,7 +218,7 @@ class Registrar(threading.Thread):
         with self._lock:
             self._session = conn
         log.info("Registered with the reverse proxy at %s as server id %s for privacy "
-                 "policy %s%s", netio.format_address(self.proxy), show(answer["id"]),
+                 "policy %s%s", self.where, show(answer["id"]),
                  show(answer["privPolyId"]),
                  f" (heartbeat {self.heartbeat:g} s)" if self.heartbeat else "")
 
@@ -222,12 +247,14 @@ class Registrar(threading.Thread):
                 raise SessionLost("the proxy closed the session")
             last_heard = time.monotonic()
             if message["type"] == MessageType.ERROR:
-                log.warning("The reverse proxy reported on the session: %s: %s",
-                            message["code"], message["message"])
+                log.warning("The reverse proxy at %s reported on the session: %s: %s",
+                            self.where, message["code"], message["message"])
 
-    def leave(self, timeout=2.0):
-        """Close the session and wait up to ``timeout`` seconds for the proxy to close
-        its side: from then on the proxy sends this server nothing new (section 6).
+    def leave(self):
+        """Begin leaving: stop registering and close the session. ``join`` then waits
+        until the proxy has closed its side too: from then on it sends this server
+        nothing new (section 6). Returns at once, so that every session of a server
+        closes in parallel.
 
         Over plain TCP the half-close tells the proxy at once; over TLS the session
         thread closes it when it next wakes, within one heartbeat."""
@@ -236,7 +263,6 @@ class Registrar(threading.Thread):
             session = self._session
         if session is not None:
             session.half_close()
-        self.join(timeout)
 
 
 def read_key_file(path):
@@ -259,32 +285,112 @@ def read_key_file(path):
     raise ValueError(f"key file '{path}' holds no key")
 
 
+def parse_proxies(text):
+    """Parse ``-revproc``: ``RPPORT`` or several, comma-separated, each ``PORT`` or
+    ``HOST:PORT`` (``[v6addr]:PORT``); the host defaults to 127.0.0.1.
+
+    Returns:
+        list of ``(host, port)``, in the order given.
+
+    Raises:
+        ValueError: an entry that is empty or not of that form, or one that names a
+            proxy listed before it (``2100`` and ``127.0.0.1:2100`` are one proxy;
+            host names are not resolved); the message names the entry.
+    """
+    proxies, seen = [], {}
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            raise ValueError(f"'{text}' has an empty entry (a comma too many)")
+        host, port = protocol.parse_hostport(entry)
+        try:
+            same = ipaddress.ip_address(host).compressed
+        except ValueError:
+            same = host.lower()
+        first = seen.get((same, port))
+        if first is not None:
+            raise ValueError(f"'{entry}' is listed twice" if first == entry else
+                             f"'{entry}' names the same reverse proxy as '{first}'")
+        seen[same, port] = entry
+        proxies.append((host, port))
+    return proxies
+
+
+def parse_weight(text):
+    """Parse ``-weight``: a whole number from 1 to ``protocol.MAX_WEIGHT`` (256), the
+    SETUP ``weight`` of the team's PROTOCOL.md section 8.
+
+    Raises:
+        ValueError: anything else; the message names the text.
+    """
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= protocol.MAX_WEIGHT:
+        raise ValueError(f"'{text}' is not a whole number from 1 to {protocol.MAX_WEIGHT}")
+    return int(text)
+
+
+def is_any_address(host):
+    """True when ``host`` (str) means every local address: ``0.0.0.0``, ``::`` or
+    empty. The SETUP then carries no ``host`` and each proxy uses the address the
+    registration came from (PROTOCOL.md section 2)."""
+    try:
+        return not host or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def default_host(proxies):
+    """The address to listen on when ``-host`` is not given: 127.0.0.1 when every proxy
+    (a list of ``(host, port)``) is on this machine, so that the data port stays
+    local; else every address (``0.0.0.0``, or ``::`` when a proxy is IPv6), and no
+    ``host`` in SETUP, so that each proxy connects back to the address it sees
+    (a remote proxy cannot reach this machine's 127.0.0.1)."""
+    def local(host):
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+    if all(local(host) for host, _ in proxies):
+        return "127.0.0.1"
+    return "::" if any(":" in host for host, _ in proxies) else "0.0.0.0"
+
+
 def build_parser():
-    parser = netio.ArgumentParser(
-        "Upstream server: registers with the reverse proxy for one privacy policy and "
-        "answers each DATA frame with the SHA-1 of its payload (PROTOCOL.md).")
-    parser.add_argument("-id", required=True, type=netio.arg_id, help="this server's id")
-    parser.add_argument("-pp", required=True, type=netio.arg_id, metavar="PPID",
+    parser = cli.ArgumentParser(
+        "Upstream server: registers with one or more reverse proxies for one privacy "
+        "policy and answers each DATA frame with the SHA-1 of its payload (PROTOCOL.md).")
+    parser.add_argument("-id", required=True, type=cli.arg_id, help="this server's id")
+    parser.add_argument("-pp", required=True, type=cli.arg_id, metavar="PPID",
                         help="the privacy policy id this server serves")
-    parser.add_argument("-listen", type=netio.arg_port, default=0, metavar="LPORT",
+    parser.add_argument("-listen", type=cli.arg_port, default=0, metavar="LPORT",
                         help="TCP port for data connections; 0 picks a free port")
-    parser.add_argument("-revproc", type=netio.arg_hostport, default=("127.0.0.1", 2100),
-                        metavar="RPPORT", help="the reverse proxy: PORT or HOST:PORT "
-                        "(default: 2100)")
-    parser.add_argument("-host", default="127.0.0.1",
-                        help="address to listen on, and to give the proxy unless it is "
-                             "0.0.0.0 (then the proxy uses the address it sees)")
+    parser.add_argument("-revproc", type=cli.arg_type(parse_proxies),
+                        default=[("127.0.0.1", 2100)], metavar="RPPORT",
+                        help="the reverse proxy: PORT or HOST:PORT (IPv6: [ADDR]:PORT); "
+                             "several, comma-separated, to register with each of them "
+                             "(default: 2100)")
+    parser.add_argument("-host",
+                        help="address to listen on (IPv4 or IPv6), and to give the "
+                             "proxies; 0.0.0.0 listens on every IPv4 address, :: on "
+                             "every IPv6 and IPv4 one, and then each proxy uses the "
+                             "address it sees (default: 127.0.0.1 when every proxy is "
+                             "on this machine, else every address)")
+    parser.add_argument("-weight", type=cli.arg_type(parse_weight),
+                        default=DEFAULT_WEIGHT, metavar="N",
+                        help=f"this server's share of its policy's rotation, 1 to "
+                             f"{protocol.MAX_WEIGHT}: a server of weight 3 gets 3 frames "
+                             f"for every 1 a server of weight 1 gets")
     parser.add_argument("-heartbeat", type=float, default=1.0, metavar="SECONDS",
                         help="PING the proxy this often on a kept session; 0 registers "
                              "the legacy way (no session)")
     parser.add_argument("-key-file", metavar="FILE",
                         help="file holding this policy's key, for proxies run with "
                              "-policy-keys")
-    parser.add_argument("-max-frame", type=netio.arg_count, default=protocol.DEFAULT_MAX_FRAME,
+    parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest frame body accepted")
     parser.add_limit_options()
-    parser.add_argument("-quiet", action="store_true",
-                        help="do not print the two lines per packet")
+    parser.add_output_options("do not print the two lines per packet")
     parser.add_tls_options(
         "serve TLS with this certificate (PEM), and show it to the proxy",
         "CA (PEM) that checks the proxy: register over TLS")
@@ -303,6 +409,8 @@ def main(argv=None):
             key = read_key_file(args.key_file)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.host is None:
+        args.host = default_host(args.revproc)
     log.info("Server running with id %s", show(args.id))
     log.info("Server serving privacy policy %s", show(args.pp))
     try:
@@ -313,36 +421,62 @@ def main(argv=None):
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.listen, exc)
     signals = netio.Signals((signal.SIGTERM, signal.SIGINT))
-    log.info("Listening on port %d", server.port)
-    proxy_host, proxy_port = args.revproc
-    log.info("Connecting to the reverse proxy on port %d", proxy_port)
-    registrar = Registrar(
-        args.revproc,
-        protocol.setup(args.id, args.pp, server.port,
-                       host=None if args.host in ("0.0.0.0", "::", "") else args.host,
-                       heartbeat=args.heartbeat or None),
-        key=key, tls=proxy_tls, on_refused=lambda: signals.post(signal.SIGTERM))
-    registrar.start()
+    cli.on_output_closed(lambda: signals.post(signal.SIGTERM))
+    log.info("Listening on port %d", server.port, extra=cli.event("listening", port=server.port))
+    setup_message = protocol.setup(
+        args.id, args.pp, server.port, host=None if is_any_address(args.host) else args.host,
+        heartbeat=args.heartbeat or None,
+        weight=None if args.weight == DEFAULT_WEIGHT else args.weight)
+    several = len(args.revproc) > 1
+    registrars = []
+
+    def on_refused(registrar):
+        # Called from each registrar's own thread: the last one to be refused stops
+        # the server, whatever the order.
+        if several:
+            log.warning("The reverse proxy at %s refused registration: %s; not asking it "
+                        "again", registrar.where, registrar.refused)
+        if all(other.refused is not None for other in registrars):
+            signals.post(signal.SIGTERM)
+
+    for proxy_host, proxy_port in args.revproc:
+        # The assignment's wording; with several proxies, the host tells them apart.
+        log.info("Connecting to the reverse proxy on port %d%s", proxy_port,
+                 f" at {proxy_host}" if several else "")
+        registrars.append(Registrar((proxy_host, proxy_port), setup_message, key=key,
+                                    tls=proxy_tls, on_refused=on_refused))
+    for registrar in registrars:
+        registrar.start()
 
     def leave():
-        if registrar.refused is not None:
+        staying = [registrar for registrar in registrars if registrar.refused is None]
+        if not staying:
             return
-        if registrar.heartbeat is None:
+        if args.heartbeat == 0:
             log.info("Stopping: answering the frames already received (registered without "
-                     "a session: the proxy drops this server when a forward to it fails)")
+                     "a session: a proxy drops this server when a forward to it fails)")
         else:
-            log.info("Stopping: leaving the proxy's rotation, then answering the frames "
-                     "already received")
-        registrar.leave()
+            log.info("Stopping: leaving the rotation of %s, then answering the frames "
+                     "already received", "the proxy" if len(staying) == 1 else
+                     f"{len(staying)} proxies")
+        for registrar in staying:
+            registrar.leave()
+        deadline = time.monotonic() + LEAVE_TIMEOUT
+        for registrar in staying:
+            registrar.join(max(0.0, deadline - time.monotonic()))
 
     netio.run_until_stopped(server, leave, signals)
-    if registrar.refused:
-        print(f"server.py: the reverse proxy refused registration: {registrar.refused}",
-              file=sys.stderr)
+    if all(registrar.refused is not None for registrar in registrars):
+        if several:
+            cli.print_error("server.py: every reverse proxy refused registration: " + "; ".join(
+                f"{registrar.where}: {registrar.refused}" for registrar in registrars))
+        else:
+            cli.print_error(f"server.py: the reverse proxy refused registration: "
+                            f"{registrars[0].refused}")
         return 1
     log.info("Server stopped")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -54,7 +54,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import netio  # noqa: E402
+import cli  # noqa: E402
 
 PYTHON = sys.executable
 PACKETS = os.path.join(ROOT, "pktfiles", "1.json")  # policy 111
@@ -654,14 +654,14 @@ def soak(bench):
 
 
 def main(argv=None):
-    parser = netio.ArgumentParser(
+    parser = cli.ArgumentParser(
         "Side-by-side benchmark: the reverse proxy, HAProxy, a bare Python relay and the "
         "servers themselves under the same loads (bench/README.md).")
     parser.add_argument("-quick", action="store_true",
                         help="one round of 1 s per load and target: under a minute")
-    parser.add_argument("-rounds", type=netio.arg_count, default=ROUNDS, metavar="N",
+    parser.add_argument("-rounds", type=cli.arg_count, default=ROUNDS, metavar="N",
                         help="rounds of every load against every target")
-    parser.add_argument("-seconds", type=netio.arg_seconds, default=SECONDS, metavar="S",
+    parser.add_argument("-seconds", type=cli.arg_seconds, default=SECONDS, metavar="S",
                         help="length of each run")
     parser.add_argument("-soak", action="store_true",
                         help=f"send {SOAK_LAST:,} packets through the proxy and report "

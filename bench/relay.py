@@ -20,6 +20,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 import netio  # noqa: E402
 import protocol  # noqa: E402
 
@@ -78,9 +79,9 @@ def relay(client, upstream_address):
 
 
 def main(argv=None):
-    parser = netio.ArgumentParser("Bare byte relay: splices each connection to an "
-                                  "upstream server picked round robin, no parsing.")
-    parser.add_argument("-port", type=netio.arg_port, default=0,
+    parser = cli.ArgumentParser("Bare byte relay: splices each connection to an "
+                                "upstream server picked round robin, no parsing.")
+    parser.add_argument("-port", type=cli.arg_port, default=0,
                         help="port to listen on, on 127.0.0.1; 0 picks a free port")
     parser.add_argument("-upstream", required=True, metavar="RPPORT,RPPORT",
                         help="the upstream servers: PORT or HOST:PORT, comma-separated")

@@ -11,8 +11,10 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -32,8 +34,8 @@ WAIT = 10.0  # seconds any single wait in a test may take before it fails
 class Node:
     """One program run as a child process, its stdout and stderr merged and kept."""
 
-    def __init__(self, args, name=None):
-        self.args = [PYTHON, *args]
+    def __init__(self, args, name=None, python=True):
+        self.args = [PYTHON, *args] if python else list(args)
         self.name = name or os.path.basename(args[0])
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -114,6 +116,12 @@ class Nodes:
 
     def start(self, *args, name=None):
         node = Node([str(arg) for arg in args], name)
+        self.started.append(node)
+        return node
+
+    def start_command(self, command, name):
+        """Start any command (a list: HAProxy, say), not a Python program."""
+        node = Node(command, name, python=False)
         self.started.append(node)
         return node
 
@@ -218,13 +226,14 @@ class FakeServer:
     ``behaviour(message, count)`` is called for each frame received (``count`` from 1)
     and returns the message to answer, None to answer nothing, or the string
     ``"close"`` to close the connection. The default answers like server.py.
-    ``received`` lists every message received.
+    ``received`` lists every message received, ``raw`` the bytes as they came.
     """
 
     def __init__(self, server_id="900", behaviour=None):
         self.server_id = server_id
         self.behaviour = behaviour or self.honest
         self.received = []
+        self.raw = bytearray()
         self.count = 0
         self._lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -254,6 +263,8 @@ class FakeServer:
                 chunk = conn.recv(65536)
                 if not chunk:
                     return
+                with self._lock:
+                    self.raw += chunk
                 decoder.feed(chunk)
                 while (body := decoder.next_frame()) is not None:
                     message = protocol.parse_message(body)
@@ -304,9 +315,81 @@ def fake_servers():
         fake.close()
 
 
+@pytest.fixture
+def proxies():
+    """Start ``reverse_proxy.ReverseProxy`` in a thread of the test process: call
+    ``proxies(**options)`` for one listening on 127.0.0.1 port 0 (``.port``); every
+    one is stopped at the end of the test."""
+    import reverse_proxy
+    made = []
+
+    def make(**options):
+        proxy = reverse_proxy.ReverseProxy(("127.0.0.1", 0), **options)
+        proxy.start()
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.stop(drain_timeout=1.0)
+
+
+def sha1(text):
+    """The lowercase hex SHA-1 of the UTF-8 bytes of ``text``: an ACK's payload."""
+    return protocol.sha1_hex(text)
+
+
 def write_packets(tmp_path, name, packets):
     """Write ``packets`` (list of dicts) as a JSON array file; return its path."""
     import json
     path = tmp_path / name
     path.write_text(json.dumps(packets), encoding="utf-8")
     return path
+
+
+# --- Test certificates -----------------------------------------------------------------
+
+def openssl(*args, cwd):
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+
+
+def make_ca(directory, name):
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+            "-subj", f"/CN={name} test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+
+
+def make_leaf(directory, name, ca):
+    ext = directory / f"{name}.ext"
+    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\n"
+                   "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n",
+                   encoding="ascii")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=localhost",
+            cwd=directory)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext.name,
+            cwd=directory)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA and a leaf certificate for 127.0.0.1/localhost, and a rogue CA with its
+    own leaf, made with openssl at run time (private keys never committed)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed: it makes the test certificates")
+    directory = tmp_path_factory.mktemp("pki")
+    make_ca(directory, "ca")
+    make_leaf(directory, "leaf", "ca")
+    make_ca(directory, "rogue")
+    make_leaf(directory, "rogueleaf", "rogue")
+    paths = {name: str(directory / name) for name in
+             ("ca.pem", "leaf.pem", "leaf.key", "rogue.pem", "rogueleaf.pem", "rogueleaf.key")}
+    ssl.create_default_context(cafile=paths["ca.pem"])  # the CA loads
+    return paths

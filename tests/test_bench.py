@@ -21,7 +21,6 @@ import pytest
 import client
 import protocol
 from conftest import ROOT, run, write_packets
-from test_security import pki  # noqa: F401  (the fixture: a CA and a leaf, by openssl)
 
 BENCH = ("client.py", "-id", "7", "-pkt", "pktfiles/1.json")  # policy 111
 
@@ -116,7 +115,7 @@ def test_bench_payloads_have_the_size_asked_and_the_file_s_policy(fake_servers, 
     assert {m["srcid"] for m in fake.received} == {"7"}
 
 
-def test_bench_over_tls(nodes, pki):  # noqa: F811
+def test_bench_over_tls(nodes, pki):
     proxy = nodes.proxy("-quiet", "-tls-cert", pki["leaf.pem"], "-tls-key", pki["leaf.key"])
     nodes.server("100", "111", proxy.port, "-quiet", "-tls-ca", pki["ca.pem"])
     done, summary = bench("-conns", 2, "-depth", 4, "-size", 20000, "-tls-ca", pki["ca.pem"],

@@ -734,3 +734,57 @@ def test_property_validate_message_returns_dict_or_raises_message_error(value):
         return
     assert result is value
     assert isinstance(result["type"], MessageType)
+
+
+# --- The fast path of compact DATA and ACK bodies -------------------------------------
+
+def general_parse(body):
+    """What the general path makes of ``body``: the message, or the MessageError."""
+    limit, protocol._FAST_LIMIT = protocol._FAST_LIMIT, -1
+    try:
+        return protocol.parse_passable(body)[0]
+    except MessageError as exc:
+        return exc
+    finally:
+        protocol._FAST_LIMIT = limit
+
+
+fast_ids = st.one_of(st.text(max_size=8), st.integers(-10**20, 10**20),
+                st.sampled_from(["", "a\"b", "a\\b", "\x01", "\u00e9", "\ud800"]))
+raw_ids = st.one_of(fast_ids.map(lambda value: json.dumps(value, ensure_ascii=False)
+                            .encode("utf-8", "surrogatepass")),
+                    st.sampled_from([b"007", b"-0", b"1e3", b"true", b"null", b'"\xff"',
+                                     b'"\x7f"', b"1" * 19, b'""']))
+raw_texts = st.one_of(st.text(max_size=40).map(
+    lambda text: json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    st.binary(max_size=20).map(lambda raw: b'"' + raw + b'"'))
+
+
+@FAST
+@given(srcid=raw_ids, second=raw_ids, text=raw_texts, size=st.integers(0, 10**19),
+       kind=st.sampled_from([0, 2]))
+def test_fast_path_agrees_with_the_general_path(srcid, second, text, size, kind):
+    if kind == 0:
+        body = b'{"type":0,"srcid":' + srcid + b',"privPoliId":' + second + b',"payload":' + text + b"}"
+    else:
+        body = (b'{"type":2,"srcid":' + srcid + b',"destid":' + second + b',"payloadsize":'
+                + str(size).encode() + b',"payload":' + text + b"}")
+    fast = protocol._fast(body)
+    general = general_parse(body)
+    if fast is not None:
+        assert fast == general
+        assert type(fast["type"]) is type(general["type"]) is MessageType
+    else:
+        # Only bodies the pattern cannot vouch for go the general way: escapes, numbers
+        # that are not plain integers, invalid UTF-8, control characters, other types.
+        assert (b"\\" in body or isinstance(general, MessageError) or size >= 10**18
+                or any(raw[:1] != b'"' and not raw.lstrip(b"-").isdigit()
+                       for raw in (srcid, second))
+                or any(len(raw.lstrip(b"-")) > 18 for raw in (srcid, second)))
+
+
+def test_compact_bodies_of_our_own_builders_take_the_fast_path():
+    for message in (protocol.data("c1", 111, "héllo"), protocol.ack("s1", 7, "0" * 40)):
+        body = encode_frame(message)[4:]
+        assert protocol._fast(body) == protocol.parse_message(body)
+        assert protocol._fast(body) is not None

@@ -14,10 +14,8 @@ import json
 import os
 import re
 import resource
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -978,7 +976,7 @@ def test_key_of_another_policy_is_unauthorized(nodes, keyed, wires, fake_servers
 
 
 def test_every_unauthorized_answer_carries_a_fresh_nonce(nodes, keyed, wires, fake_servers):
-    """Also the refusal of an id live in another policy (PROTOCOL.md section 8)."""
+    """Also the refusal of an id live in another policy (PROTOCOL.md section 9)."""
     proxy = nodes.proxy("-policy-keys", keyed["policy"])
     nodes.server("s7", "pB", proxy.port, "-key-file", keyed["b"])
     fake = fake_servers("s7")
@@ -1034,52 +1032,6 @@ def test_three_refused_setups_close_the_connection(nodes, keyed, wires, closed_p
 
 
 # --- 4. TLS -------------------------------------------------------------------------
-
-def openssl(*args, cwd):
-    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
-
-
-def make_ca(directory, name):
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-            "-subj", f"/CN={name} test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
-
-
-def make_leaf(directory, name, ca):
-    ext = directory / f"{name}.ext"
-    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                   "extendedKeyUsage=serverAuth,clientAuth\n"
-                   "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n",
-                   encoding="ascii")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=localhost",
-            cwd=directory)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext.name,
-            cwd=directory)
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory):
-    """A CA and a leaf certificate for 127.0.0.1/localhost, and a rogue CA with its
-    own leaf, made with openssl at run time (private keys never committed)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed: it makes the test certificates")
-    directory = tmp_path_factory.mktemp("pki")
-    make_ca(directory, "ca")
-    make_leaf(directory, "leaf", "ca")
-    make_ca(directory, "rogue")
-    make_leaf(directory, "rogueleaf", "rogue")
-    paths = {name: str(directory / name) for name in
-             ("ca.pem", "leaf.pem", "leaf.key", "rogue.pem", "rogueleaf.pem", "rogueleaf.key")}
-    ssl.create_default_context(cafile=paths["ca.pem"])  # the CA loads
-    return paths
-
 
 def tls_proxy(nodes, pki, mutual=True):
     options = ["-tls-cert", pki["leaf.pem"], "-tls-key", pki["leaf.key"]]

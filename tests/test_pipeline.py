@@ -1,0 +1,174 @@
+"""The pipelined data path of the proxy (PROTOCOL.md sections 3, 4 and 6), against a
+ReverseProxy in a thread of the test and scriptable servers: order, exact round robin
+and failover of the frames in flight, with many frames on one connection."""
+
+import random
+import threading
+import time
+
+import protocol
+from conftest import WAIT, Wire, sha1
+
+
+def pipelined(port, frames, timeout=WAIT):
+    """Send ``frames`` (messages) on one connection from one thread while another reads
+    the answers; return the answers (dicts) in the order they came."""
+    wire = Wire(port, timeout=timeout)
+    answers = []
+
+    def read():
+        for _ in frames:
+            answer = wire.receive()
+            if answer is None:
+                return
+            answers.append(answer)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wire.send_bytes(b"".join(protocol.encode_frame(frame) for frame in frames))
+    reader.join(timeout)
+    wire.close()
+    return answers
+
+
+def delayed(server_id, seed, longest):
+    """A behaviour answering like server.py after a random delay of up to ``longest``
+    seconds, so that the answers of two servers come back interleaved at random."""
+    rnd = random.Random(seed)
+    lock = threading.Lock()
+
+    def behaviour(message, count):
+        with lock:
+            pause = rnd.random() * longest
+        time.sleep(pause)  # the scripted server's own slowness, not a wait of the test
+        if message["type"] == protocol.MessageType.PING:
+            return protocol.pong()
+        return protocol.ack_for(server_id, message)
+    return behaviour
+
+
+def test_10000_frames_on_one_connection_answered_in_order_round_robin(proxies, fake_servers):
+    proxy = proxies()
+    first = fake_servers("A", delayed("A", 1, 0.0005))
+    second = fake_servers("B", delayed("B", 2, 0.002))
+    first.register(proxy.port, "111")
+    second.register(proxy.port, "111")
+    frames = [protocol.data("c", "111", f"frame {index}") for index in range(10000)]
+    answers = pipelined(proxy.port, frames, timeout=60)
+    assert len(answers) == 10000
+    assert [answer["payload"] for answer in answers] == [sha1(f"frame {i}") for i in range(10000)]
+    assert [answer["srcid"] for answer in answers] == ["A", "B"] * 5000
+    assert (first.count, second.count) == (5000, 5000)
+
+
+def test_frames_in_flight_on_a_connection_that_breaks_go_to_the_next_server(proxies,
+                                                                            fake_servers):
+    proxy = proxies()
+    # A holds 20 frames without answering, then closes: all 20 were in flight.
+    held = []
+
+    def hold_then_close(message, count):
+        held.append(message)
+        return "close" if count == 20 else None
+
+    first = fake_servers("A", hold_then_close)
+    second = fake_servers("B")
+    first.register(proxy.port, "111")
+    second.register(proxy.port, "111")
+    frames = [protocol.data("c", "111", f"p{index}") for index in range(40)]
+    answers = pipelined(proxy.port, frames)
+    assert [answer["payload"] for answer in answers] == [sha1(f"p{i}") for i in range(40)]
+    assert {answer["srcid"] for answer in answers} == {"B"}
+    # Each frame reached A at most once and B exactly once.
+    assert sorted(m["payload"] for m in held) == sorted(f"p{i}" for i in range(0, 40, 2))
+    assert sorted(m["payload"] for m in second.received) == sorted(f"p{i}" for i in range(40))
+    assert proxy.totals.failovers == 20
+
+
+def test_upstream_timeout_bounds_frames_in_flight_and_moves_them(proxies, fake_servers):
+    proxy = proxies(upstream_timeout=0.3)
+    silent = fake_servers("S", lambda message, count: None)
+    honest = fake_servers("H")
+    silent.register(proxy.port, "111")
+    honest.register(proxy.port, "111")
+    started = time.monotonic()
+    answers = pipelined(proxy.port, [protocol.data("c", "111", f"t{i}") for i in range(10)])
+    elapsed = time.monotonic() - started
+    assert [answer["payload"] for answer in answers] == [sha1(f"t{i}") for i in range(10)]
+    assert [answer["srcid"] for answer in answers] == ["H"] * 10
+    assert 0.3 <= elapsed < 0.3 + 1.0
+    assert silent.count == 5 and honest.count == 10
+
+
+def test_every_server_failing_a_frame_in_flight_gives_upstream_failed_naming_each(
+        proxies, fake_servers):
+    proxy = proxies()
+    for server_id in ("A", "B"):
+        fake_servers(server_id, lambda message, count: "close").register(proxy.port, "111")
+    answers = pipelined(proxy.port, [protocol.data("c", "111", "x")])
+    assert answers[0]["code"] == "UPSTREAM_FAILED"
+    assert answers[0]["destid"] == "c"
+    assert answers[0]["message"] == (
+        "all 2 live servers of privacy policy 111 failed (server id A: closed the "
+        "connection without answering; server id B: closed the connection without "
+        "answering)")
+
+
+def test_a_frame_naming_a_field_twice_is_refused_and_never_reaches_a_server(proxies,
+                                                                            fake_servers):
+    proxy = proxies()
+    server = fake_servers("A")
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    wire.send_body(b'{"type":0,"srcid":"c","privPoliId":"111","privPoliId":"222",'
+                   b'"payload":"x"}')
+    answer = wire.receive()
+    assert (answer["code"], answer["message"]) == (
+        "BAD_MESSAGE", "frame body names field privPoliId twice in one object; a repeated "
+        "name is ambiguous")
+    wire.send(protocol.data("c", "111", "after"))
+    assert wire.receive()["payload"] == sha1("after")
+    assert [m["payload"] for m in server.received] == ["after"]
+    wire.close()
+
+
+def test_string_type_is_passed_on_with_an_integer_type_other_frames_byte_for_byte(
+        proxies, fake_servers):
+    proxy = proxies()
+    server = fake_servers("A")
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    body = b'{"type":0, "srcid":"c","privPoliId":"111","payload":"\\u00e9","extra":[1,2]}'
+    wire.send_body(body)
+    assert wire.receive()["payload"] == sha1("\u00e9")
+    wire.send_body(b'{"type":"0","srcid":"c","privPoliId":"111","payload":"s"}')
+    assert wire.receive()["payload"] == sha1("s")
+    wire.close()
+    assert bytes(server.raw) == (len(body).to_bytes(4, "big") + body
+                      + protocol.encode_frame({"type": 0, "srcid": "c", "privPoliId": "111",
+                                               "payload": "s"}))
+
+
+def test_a_client_that_reads_nothing_stops_being_read_and_costs_bounded_memory(
+        proxies, fake_servers):
+    import reverse_proxy
+    proxy = proxies()
+    server = fake_servers("A")
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port, timeout=0.5)
+    wire.sock.setblocking(False)
+    frame = protocol.encode_frame(protocol.data("c", "111", "x" * 200))
+    sent = 0
+    deadline = time.monotonic() + WAIT
+    # Send until the kernel buffers and the proxy together hold no more.
+    while time.monotonic() < deadline:
+        try:
+            sent += wire.sock.send(frame * 64)
+        except BlockingIOError:
+            break
+    assert time.monotonic() < deadline, "the proxy never stopped reading"
+    # It stopped reading: the server got at most the pending limit plus what was
+    # already read, far fewer than the frames sent.
+    assert server.count < sent // len(frame)
+    assert server.count <= reverse_proxy.MAX_PENDING + 64 * 2
+    wire.close()

@@ -1,0 +1,207 @@
+"""The proxy's stats (README.md, "Observability") against known traffic: a
+ReverseProxy in a thread of the test, its StatsServer, scripted servers; every
+endpoint checked with exact counts, also after a server fails and leaves; and the page
+in a real headless Chromium while traffic goes through the proxy."""
+
+import http.client
+import json
+import re
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import protocol
+import stats
+from conftest import WAIT, Wire, sha1
+from test_stats import chromium, needs_chromium
+
+
+@pytest.fixture
+def observed(proxies):
+    """``observed(**options)`` -> (proxy, get): a proxy in this process with its stats
+    listener; ``get(path)`` returns (status, body text)."""
+    boards = []
+
+    def make(**options):
+        proxy = proxies(**options)
+        board = stats.StatsServer(("127.0.0.1", 0), proxy.stats)
+        board.start()
+        boards.append(board)
+
+        def get(path):
+            conn = http.client.HTTPConnection("127.0.0.1", board.port, timeout=WAIT)
+            try:
+                conn.request("GET", path)
+                answer = conn.getresponse()
+                return answer.status, answer.read().decode("utf-8")
+            finally:
+                conn.close()
+        return proxy, get, board
+
+    yield make
+    for board in boards:
+        board.close()
+
+
+def exchange(port, frames):
+    """Send frames (messages, or bytes for a raw body) on one connection; return the
+    answers in order."""
+    wire = Wire(port)
+    try:
+        for frame in frames:
+            if isinstance(frame, bytes):
+                wire.send_body(frame)
+            else:
+                wire.send(frame)
+        return [wire.receive() for _ in frames]
+    finally:
+        wire.close()
+
+
+def samples(text):
+    """Prometheus text -> {(name, frozenset(labels.items())): value}."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def wait_until(predicate, what):
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {WAIT} s: {what}"
+        time.sleep(0.02)  # polling a state another thread changes, bounded above
+
+
+def test_every_endpoint_counts_known_traffic_exactly(observed, fake_servers):
+    proxy, get, _ = observed()
+    a, b, c = fake_servers("A"), fake_servers("B"), fake_servers("C")
+    a.register(proxy.port, "111")
+    b.register(proxy.port, "111")
+    c.register(proxy.port, 222)
+    frames = ([protocol.data("c1", "111", f"x{i}") for i in range(10)]
+              + [protocol.data("c1", "222", f"y{i}") for i in range(3)]
+              + [protocol.data("c1", "333", "z"), protocol.data("c1", 333, "z"), b"{not json"])
+    answers = exchange(proxy.port, frames)
+    assert [answer.get("code", "ACK") for answer in answers] == (
+        ["ACK"] * 13 + ["NO_SERVER", "NO_SERVER", "BAD_MESSAGE"])
+
+    status, body = get("/stats.json")
+    assert status == 200
+    document = json.loads(body)
+    assert document["totals"]["packets"] == 15
+    assert document["totals"]["answers"] == {
+        "ACK": 13, "BAD_FRAME": 0, "FRAME_TOO_LARGE": 0, "BAD_MESSAGE": 1, "NO_SERVER": 2,
+        "UPSTREAM_FAILED": 0, "TIMEOUT": 0, "OVERLOADED": 0, "UNAUTHORIZED": 0}
+    assert document["totals"]["failovers"] == 0
+    assert document["totals"]["registrations"] == {"registered": 3, "refused": 0}
+    assert document["draining"] is False and document["uptime_s"] > 0
+    assert document["connections_by_kind"]["server"] == 3  # one data connection each
+    policies = {p["policy"]: p for p in document["policies"]}
+    assert list(policies) == ["111", "222"]
+    assert [(s["id"], s["address"], s["state"], s["weight"], s["served"], s["in_flight"],
+             s["failures"], s["next"]) for s in policies["111"]["servers"]] == [
+        ("A", f"127.0.0.1:{a.port}", "up", 1, 5, 0, 0, True),
+        ("B", f"127.0.0.1:{b.port}", "up", 1, 5, 0, 0, False)]
+    assert policies["222"]["balance"] == "roundrobin"
+    assert [s["served"] for s in policies["222"]["servers"]] == [3]
+    for server in policies["111"]["servers"]:
+        assert server["latency_histogram"]["count"] == 5
+        assert 0 < server["latency_ms"]["p50"] <= server["latency_ms"]["p99"] < 1000
+
+    status, text = get("/metrics")
+    assert status == 200
+    values = samples(text)
+    assert values[("rproxy_packets_total", frozenset({"policy": "111", "server": "A"}.items()))] == 5
+    assert values[("rproxy_packets_total", frozenset({"policy": "222", "server": "C"}.items()))] == 3
+    assert values[("rproxy_answers_total", frozenset({"code": "NO_SERVER"}.items()))] == 2
+    assert values[("rproxy_answers_total", frozenset({"code": "ACK"}.items()))] == 13
+    assert values[("rproxy_registrations_total", frozenset({"result": "registered"}.items()))] == 3
+    assert values[("rproxy_server_up", frozenset({"policy": "111", "server": "B"}.items()))] == 1
+    assert values[("rproxy_upstream_latency_seconds_count",
+                   frozenset({"policy": "111", "server": "B"}.items()))] == 5
+    assert values[("rproxy_failovers_total", frozenset())] == 0
+
+    assert get("/healthz") == (200, "ok\n")
+    status, page = get("/")
+    assert status == 200 and "<html" in page and ">A<" in page
+
+
+def test_a_failed_server_shows_down_with_its_failures_and_the_failovers(observed,
+                                                                        fake_servers):
+    proxy, get, _ = observed(check_interval=30)
+    a, b = fake_servers("A"), fake_servers("B")
+    session = a.register(proxy.port, "111", heartbeat=60)
+    b.register(proxy.port, "111")
+    assert [x["srcid"] for x in exchange(proxy.port, [protocol.data("c", "111", "1"),
+                                                      protocol.data("c", "111", "2")])] == ["A", "B"]
+    a.close()  # killed: its data port refuses, its session is still open
+    answers = exchange(proxy.port, [protocol.data("c", "111", "3")])
+    assert answers[0]["srcid"] == "B"  # A failed, the frame went to B
+    document = json.loads(get("/stats.json")[1])
+    [policy] = document["policies"]
+    assert [(s["id"], s["state"], s["served"], s["failures"]) for s in policy["servers"]] == [
+        ("A", "down", 1, 1), ("B", "up", 2, 0)]
+    assert document["totals"]["failovers"] == 1
+    values = samples(get("/metrics")[1])
+    assert values[("rproxy_server_up", frozenset({"policy": "111", "server": "A"}.items()))] == 0
+    assert values[("rproxy_failures_total", frozenset({"policy": "111", "server": "A"}.items()))] == 1
+    assert values[("rproxy_failovers_total", frozenset())] == 1
+    session.close()  # its session ends: it has left
+    wait_until(lambda: json.loads(get("/stats.json")[1])["policies"][0]["servers"][0]["state"]
+               == "left", "server A shown as left")
+
+
+def test_healthz_is_503_while_the_proxy_drains(observed, fake_servers):
+    proxy, get, _ = observed()
+    release = threading.Event()
+
+    def slow(message, count):
+        release.wait(WAIT)
+        return protocol.ack_for("S", message)
+
+    fake_servers("S", slow).register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    wire.send(protocol.data("c", "111", "held"))
+    wait_until(lambda: json.loads(get("/stats.json")[1])["policies"][0]["servers"][0]
+               ["in_flight"] == 1, "the frame in flight")
+    assert get("/healthz")[0] == 200
+    stopper = threading.Thread(target=proxy.stop)
+    stopper.start()
+    wait_until(lambda: get("/healthz")[0] == 503, "healthz 503 while draining")
+    assert get("/healthz")[1] == "draining\n"
+    release.set()
+    assert wire.receive()["payload"] == sha1("held")  # answered before the proxy stopped
+    stopper.join(WAIT)
+    wire.close()
+
+
+@needs_chromium
+def test_page_shows_served_counts_moving_with_traffic(observed, fake_servers, tmp_path):
+    proxy, get, board = observed()
+    for server_id in ("100", "300"):
+        fake_servers(server_id).register(proxy.port, "111")
+    sent = []
+
+    def with_traffic():
+        # Every poll of the page is preceded by 4 more packets through the proxy.
+        exchange(proxy.port, [protocol.data("c", "111", f"p{len(sent) + i}") for i in range(4)])
+        sent.extend(range(4))
+        return proxy.stats()
+
+    traffic_board = stats.StatsServer(("127.0.0.1", 0), with_traffic)
+    traffic_board.start()
+    try:
+        dom = chromium(tmp_path, traffic_board.url, "--dump-dom")
+    finally:
+        traffic_board.close()
+    polls = len(sent) // 4
+    assert polls >= 3  # the first render, then at least two refreshes
+    shown = [int(count.replace(",", "")) for count in
+             re.findall(r'data-f="served">([\d,]+)<', dom)]
+    # The page shows what the last poll it finished saw (a later one may have been on
+    # its way when Chromium took the page): far more than the first render's 2 + 2,
+    # split evenly by the round robin.
+    total = sum(shown)
+    assert total in (len(sent), len(sent) - 4) and total >= 12
+    assert shown == [total // 2, total // 2]
