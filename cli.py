@@ -590,6 +590,12 @@ def arg_hostport(text):
 
 
 @arg_type
+def arg_hostports(text):
+    """``PORT`` or ``HOST:PORT`` of one peer or several, comma-separated."""
+    return protocol.parse_hostports(text)
+
+
+@arg_type
 def arg_listen_address(text):
     """``PORT`` or ``HOST:PORT`` to listen on; port 0 picks a free port."""
     return protocol.parse_hostport(text, allow_zero=True)

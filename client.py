@@ -62,8 +62,20 @@ from protocol import MessageType, show
 WINDOW = 32
 
 
-class ProxyClosed(Exception):
-    """The proxy closed the connection before every answer came."""
+class ExchangeFailed(Exception):
+    """The connection to a proxy failed before every packet was answered.
+
+    Attributes:
+        answered: how many packets, from the first, got an answer before it failed.
+        correct: how many of those answers were ACKs with the right hash.
+        reason: one line saying how it failed, for the proxy named in it.
+    """
+
+    def __init__(self, reason, answered, correct):
+        super().__init__(reason)
+        self.reason = reason
+        self.answered = answered
+        self.correct = correct
 
 
 class PacketFileError(ValueError):
@@ -132,60 +144,120 @@ def load_packets(path, srcid=None):
     return parse_packets(text, f"packet file '{path}'", srcid)
 
 
-def exchange(conn, packets, timeout, out):
+def exchange(conn, packets, timeout, out, where, via=""):
     """Send ``packets`` pipelined on ``conn`` and check every answer.
 
     Args:
         conn: a ``netio.Connection`` to the proxy.
         packets: DATA messages.
-        timeout: seconds for the whole exchange.
+        timeout: seconds the proxy may stay silent while answers are owed.
         out: ``f(line, event)`` that prints one line (``cli.say``; ``event`` a
             ``cli.event(...)``).
+        where: the proxy's ``host:port``, for the failure's text.
+        via: text added to each answer's line (which proxy answered), or "".
 
     Returns:
         int: how many answers were ACKs with the right hash.
 
     Raises:
-        ProxyClosed: the proxy closed the connection before answering them all.
-        netio.ConnectionTimeout: ``timeout`` ran out first.
-        protocol.ProtocolError, OSError: the proxy's answers could not be read.
+        ExchangeFailed: the proxy closed or reset the connection, stayed silent for
+            ``timeout`` seconds or sent what is not an answer, before the last answer.
     """
-    deadline = time.monotonic() + timeout
-    correct = sent = 0
-    for index, packet in enumerate(packets):
-        while sent < len(packets) and sent - index < WINDOW:
-            conn.send(packets[sent])
-            sent += 1
-            if sent == len(packets):
-                conn.half_close()
-        answer = conn.receive(deadline=deadline)
-        if answer is None:
-            raise ProxyClosed(f"the reverse proxy closed the connection after {index} "
-                              f"of {len(packets)} answers")
-        if answer["type"] == MessageType.ACK:
-            expected = protocol.sha1_hex(packet["payload"])
-            server, received = answer["srcid"], show(answer["payload"])
-            out(f"Receiving a response from the server {show(server)} payload: {received}",
-                cli.event("answer", server=server, payload=received))
-            if answer["payload"] == expected:
-                out("Hash of payload is correct",
-                    cli.event("verified", server=server, payload=received))
-                correct += 1
-            else:
-                out(f"Hash of payload is NOT correct: expected {expected}",
-                    cli.event("wrong_hash", server=server, payload=received,
-                              expected=expected))
-        elif answer["type"] == MessageType.ERROR:
-            out(f"Error from the reverse proxy for payload {show(packet['payload'])}: "
-                f"{answer['code']}: {answer['message']}",
-                cli.event("error_answer", code=answer["code"], error=answer["message"],
-                          payload=show(packet["payload"])))
+    correct = sent = index = 0
+    tls_hint = "" if isinstance(conn.sock, ssl.SSLSocket) else (
+        " (a proxy that serves TLS needs -tls-ca)")
+    try:
+        for index, packet in enumerate(packets):
+            while sent < len(packets) and sent - index < WINDOW:
+                conn.send(packets[sent])
+                sent += 1
+                if sent == len(packets):
+                    conn.half_close()
+            answer = conn.receive(idle_timeout=timeout)
+            if answer is None:
+                raise ExchangeFailed(f"the reverse proxy at {where} closed the connection "
+                                     f"after {index} of {len(packets)} answers{tls_hint}",
+                                     index, correct)
+            correct += report(answer, packet, out, via)
+    except netio.ConnectionTimeout:
+        reason = f"no answer from the reverse proxy at {where} within {timeout:g} s (-timeout)"
+    except protocol.ProtocolError as exc:
+        reason = f"bad answer from the reverse proxy at {where}: {exc}"
+    except BrokenPipeError:
+        # The socket's EPIPE: a closed stdout never gets here (cli ends the program).
+        reason = (f"the reverse proxy at {where} closed the connection before every "
+                  f"packet was sent{tls_hint}")
+    except OSError as exc:
+        reason = (f"connection to the reverse proxy at {where} failed: "
+                  f"{netio.describe_error(exc)}{tls_hint}")
+    else:
+        return correct
+    raise ExchangeFailed(reason, index, correct)
+
+
+def report(answer, packet, out, via):
+    """Print the lines of one answer to ``packet``; return 1 if it is the right ACK."""
+    if answer["type"] == MessageType.ACK:
+        expected = protocol.sha1_hex(packet["payload"])
+        server, received = answer["srcid"], show(answer["payload"])
+        out(f"Receiving a response from the server {show(server)} payload: {received}{via}",
+            cli.event("answer", server=server, payload=received))
+        if answer["payload"] == expected:
+            out("Hash of payload is correct",
+                cli.event("verified", server=server, payload=received))
+            return 1
+        out(f"Hash of payload is NOT correct: expected {expected}",
+            cli.event("wrong_hash", server=server, payload=received, expected=expected))
+    elif answer["type"] == MessageType.ERROR:
+        out(f"Error from the reverse proxy for payload {show(packet['payload'])}: "
+            f"{answer['code']}: {answer['message']}{via}",
+            cli.event("error_answer", code=answer["code"], error=answer["message"],
+                      payload=show(packet["payload"])))
+    else:
+        out(f"Unexpected {answer['type'].name} message from the reverse proxy instead "
+            f"of the answer for payload {show(packet['payload'])}{via}",
+            cli.event("unexpected", type=answer["type"].name,
+                      payload=show(packet["payload"])))
+    return 0
+
+
+def send_through(proxies, packets, args, tls):
+    """Send ``packets`` through the first proxy of ``proxies`` (a list of ``(host,
+    port)``) that accepts the connection; when that connection fails before every
+    packet is answered, send the packets not answered yet through the next proxy
+    (safe: an answer is a hash). Each packet is answered once in the output.
+
+    Returns:
+        (correct, failures): how many answers were right, and one line per proxy
+        that could not be reached or failed (the empty list when every packet was
+        answered).
+    """
+    several = len(proxies) > 1
+    correct, failures, remaining = 0, [], list(packets)
+    for host, port in proxies:
+        where = netio.format_address((host, port))
+        try:
+            conn = netio.connect(host, port, args.connect_timeout, args.max_frame, tls)
+        except OSError as exc:
+            failures.append(f"cannot reach the reverse proxy at {where}: "
+                            f"{netio.describe_error(exc)}")
         else:
-            out(f"Unexpected {answer['type'].name} message from the reverse proxy instead "
-                f"of the answer for payload {show(packet['payload'])}",
-                cli.event("unexpected", type=answer["type"].name,
-                          payload=show(packet["payload"])))
-    return correct
+            try:
+                correct += exchange(conn, remaining, args.timeout, cli.say, where,
+                                    f" (via {where})" if several else "")
+                return correct, []
+            except ExchangeFailed as exc:
+                correct += exc.correct
+                remaining = remaining[exc.answered:]
+                failures.append(exc.reason)
+            finally:
+                conn.close()
+        if several and (host, port) != proxies[-1]:
+            cli.say(f"{failures[-1]}; sending the {len(remaining)} packets not answered "
+                    "through the next reverse proxy",
+                    cli.event("failover", proxy=where, reason=failures[-1],
+                              packets=len(remaining)))
+    return correct, failures
 
 
 # --- Load mode (-bench) -----------------------------------------------------------
@@ -642,14 +714,6 @@ class LoadGenerator:
         self.senders.discard(conn)
 
 
-def arg_addresses(text):
-    """``RPPORT`` or several, comma-separated: a list of ``(host, port)``."""
-    try:
-        return [protocol.parse_hostport(part) for part in text.split(",")]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def arg_idle(text):
     """A whole number of connections, 0 or more."""
     if not (text.isascii() and text.isdigit()):
@@ -670,15 +734,22 @@ def build_parser():
         "hash checked, a progress line each second and a summary at the end.")
     parser.add_argument("-id", required=True, type=cli.arg_id,
                         help="this client's id (the srcid it sends)")
-    parser.add_argument("-revproc", type=arg_addresses, default=[("127.0.0.1", 2100)],
-                        metavar="RPPORT", help="the reverse proxy: PORT or HOST:PORT "
-                        "(default: 2100); with -bench, several comma-separated, which "
-                        "the connections are spread over round robin")
+    parser.add_argument("-revproc", type=cli.arg_hostports, default=[("127.0.0.1", 2100)],
+                        metavar="RPPORT", help="the reverse proxy: PORT or HOST:PORT, "
+                        "IPv6 as [ADDR]:PORT (default: 2100); several, comma-separated: "
+                        "the first that accepts the connection is used, and the packets "
+                        "it leaves unanswered go through the next; in the load mode the "
+                        "connections are spread over them round robin")
     parser.add_argument("-pkt", required=True, metavar="PKTFILE",
                         help="JSON file: one packet, an array of packets, or JSON lines")
     parser.add_argument("-timeout", type=cli.arg_seconds, default=10.0, metavar="SECONDS",
-                        help="time allowed for connecting and for all the answers; with "
-                        "-bench, for opening each connection and for each answer")
+                        help="time a proxy may stay silent while answers are owed (then "
+                        "the next proxy, if any, gets the rest); with -bench, for "
+                        "opening each connection and for each answer")
+    parser.add_argument("-connect-timeout", type=cli.arg_seconds, default=2.0,
+                        metavar="SECONDS",
+                        help="time a proxy may take to accept the connection; one that "
+                        "does not counts as down (an unplugged host answers nothing)")
     parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest answer frame accepted; with -bench, "
                         "also the largest DATA frame built")
@@ -759,8 +830,6 @@ def main(argv=None):
                  not in (None, False)]
         if given:
             parser.error(f"argument -{given[0]}: only with -bench")
-        if len(args.revproc) > 1:
-            parser.error("argument -revproc: several addresses only with -bench")
     try:
         packets = load_packets(args.pkt, args.id)
     except PacketFileError as exc:
@@ -772,44 +841,21 @@ def main(argv=None):
     if args.bench is not None:
         return run_bench(args, packets, tls, parser)
 
-    host, port = args.revproc[0]
-    where = netio.format_address((host, port))
-    running_on = f"port {port}" if host == "127.0.0.1" else f"{where}"
+    proxies = args.revproc
+    if len(proxies) == 1 and proxies[0][0] == "127.0.0.1":
+        running_on = f"port {proxies[0][1]}"  # the assignment's wording
+    else:
+        running_on = " or ".join(netio.format_address(proxy) for proxy in proxies)
     for packet in packets:
         cli.say(f"Sending message {show(packet['payload'])} to privacy policy "
                 f"{show(packet['privPoliId'])} through reverse proxy running on {running_on}",
                 cli.event("sent", payload=show(packet["payload"]),
-                          policy=packet["privPoliId"], proxy=where))
-    try:
-        conn = netio.connect(host, port, args.timeout, args.max_frame, tls)
-    except OSError as exc:
-        cli.print_error(f"client.py: cannot reach the reverse proxy at {where}: "
-                        f"{netio.describe_error(exc)}")
+                          policy=packet["privPoliId"], proxy=running_on))
+    correct, failures = send_through(proxies, packets, args, tls)
+    if failures:
+        cli.print_error("client.py: " + ("; ".join(failures) if len(failures) > 1
+                                         else failures[0]))
         return 1
-    tls_hint = "" if tls else " (a proxy that serves TLS needs -tls-ca)"
-    try:
-        correct = exchange(conn, packets, args.timeout, cli.say)
-    except netio.ConnectionTimeout:
-        cli.print_error(f"client.py: no answer from the reverse proxy at {where} within "
-                        f"{args.timeout:g} s (-timeout)")
-        return 1
-    except ProxyClosed as exc:
-        cli.print_error(f"client.py: {exc}{tls_hint}")
-        return 1
-    except protocol.ProtocolError as exc:
-        cli.print_error(f"client.py: bad answer from the reverse proxy at {where}: {exc}")
-        return 1
-    except BrokenPipeError:
-        # The socket's EPIPE: a closed stdout never gets here (cli ends the program).
-        cli.print_error(f"client.py: the reverse proxy at {where} closed the connection "
-                        f"before every packet was sent{tls_hint}")
-        return 1
-    except OSError as exc:
-        cli.print_error(f"client.py: connection to the reverse proxy at {where} failed: "
-                        f"{netio.describe_error(exc)}{tls_hint}")
-        return 1
-    finally:
-        conn.close()
     if len(packets) > 1:
         cli.say(f"{correct} of {len(packets)} packets answered with a correct hash",
                 cli.event("summary", correct=correct, packets=len(packets)))

@@ -49,7 +49,7 @@ __all__ = [
     "data", "setup", "ack", "error", "registered", "ping", "pong", "error_message",
     "sha1_hex", "ack_for", "policy_text", "setup_proof", "check_setup_proof",
     "parse_hostport", "parse_port", "show", "parse_passable", "frame_of", "is_host",
-    "MAX_WEIGHT", "format_address",
+    "MAX_WEIGHT", "format_address", "parse_hostports",
 ]
 
 # 1 MiB, PROTOCOL.md section 1. A demo payload is a few bytes; the largest frame the
@@ -751,3 +751,35 @@ def parse_hostport(text, default_host="127.0.0.1", allow_zero=False):
     if not host:
         raise ValueError(f"'{text}' has no host before the ':'")
     return host, parse_port(port, allow_zero)
+
+
+def parse_hostports(text):
+    """Parse a list of peers (``-revproc``): ``RPPORT`` or several, comma-separated,
+    each ``PORT`` or ``HOST:PORT`` (``[v6addr]:PORT``); the host defaults to
+    127.0.0.1.
+
+    Returns:
+        list of ``(host, port)``, in the order given.
+
+    Raises:
+        ValueError: an entry that is empty or not of that form, or one that names a
+            proxy listed before it (``2100`` and ``127.0.0.1:2100`` are one proxy;
+            host names are not resolved); the message names the entry.
+    """
+    proxies, seen = [], {}
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            raise ValueError(f"'{text}' has an empty entry (a comma too many)")
+        host, port = parse_hostport(entry)
+        try:
+            same = ipaddress.ip_address(host).compressed
+        except ValueError:
+            same = host.lower()
+        first = seen.get((same, port))
+        if first is not None:
+            raise ValueError(f"'{entry}' is listed twice" if first == entry else
+                             f"'{entry}' names the same peer as '{first}'")
+        seen[same, port] = entry
+        proxies.append((host, port))
+    return proxies

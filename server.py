@@ -285,37 +285,6 @@ def read_key_file(path):
     raise ValueError(f"key file '{path}' holds no key")
 
 
-def parse_proxies(text):
-    """Parse ``-revproc``: ``RPPORT`` or several, comma-separated, each ``PORT`` or
-    ``HOST:PORT`` (``[v6addr]:PORT``); the host defaults to 127.0.0.1.
-
-    Returns:
-        list of ``(host, port)``, in the order given.
-
-    Raises:
-        ValueError: an entry that is empty or not of that form, or one that names a
-            proxy listed before it (``2100`` and ``127.0.0.1:2100`` are one proxy;
-            host names are not resolved); the message names the entry.
-    """
-    proxies, seen = [], {}
-    for entry in text.split(","):
-        entry = entry.strip()
-        if not entry:
-            raise ValueError(f"'{text}' has an empty entry (a comma too many)")
-        host, port = protocol.parse_hostport(entry)
-        try:
-            same = ipaddress.ip_address(host).compressed
-        except ValueError:
-            same = host.lower()
-        first = seen.get((same, port))
-        if first is not None:
-            raise ValueError(f"'{entry}' is listed twice" if first == entry else
-                             f"'{entry}' names the same reverse proxy as '{first}'")
-        seen[same, port] = entry
-        proxies.append((host, port))
-    return proxies
-
-
 def parse_weight(text):
     """Parse ``-weight``: a whole number from 1 to ``protocol.MAX_WEIGHT`` (256), the
     SETUP ``weight`` of the team's PROTOCOL.md section 8.
@@ -365,7 +334,7 @@ def build_parser():
                         help="the privacy policy id this server serves")
     parser.add_argument("-listen", type=cli.arg_port, default=0, metavar="LPORT",
                         help="TCP port for data connections; 0 picks a free port")
-    parser.add_argument("-revproc", type=cli.arg_type(parse_proxies),
+    parser.add_argument("-revproc", type=cli.arg_hostports,
                         default=[("127.0.0.1", 2100)], metavar="RPPORT",
                         help="the reverse proxy: PORT or HOST:PORT (IPv6: [ADDR]:PORT); "
                              "several, comma-separated, to register with each of them "

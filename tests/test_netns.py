@@ -11,6 +11,7 @@ Needs root and iproute2's ``ip``; skipped otherwise, saying why.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -93,7 +94,7 @@ def test_two_proxies_four_servers_six_clients_and_a_cut_link(network, nodes, tmp
     proxies = {name: network.add(name, octet) for name, octet in (("p1", 1), ("p2", 2))}
     servers = {sid: network.add(f"s{sid}", octet) for sid, octet in
                (("100", 11), ("200", 12), ("300", 13), ("400", 14))}
-    network.add("c", 21)
+    client = network.add("c", 21)
     both = ",".join(f"{address}:2100" for address in proxies.values())
     started = {}
     for name in proxies:
@@ -102,16 +103,19 @@ def test_two_proxies_four_servers_six_clients_and_a_cut_link(network, nodes, tmp
             name=name)
         started[name].wait_for(r"Running the reverse proxy on port 2100")
     for sid in servers:
-        node = started[sid] = nodes.start_command(network.command(
+        started[sid] = nodes.start_command(network.command(
             f"s{sid}", "server.py", "-id", sid, "-pp", "111" if sid in ("100", "300") else "222",
             "-listen", 2105, "-revproc", both, "-heartbeat", HEARTBEAT), name=f"server {sid}")
     for name in proxies:
-        for sid, address in servers.items():
-            # No -host on the servers: each proxy connects back to the address it saw.
+        for sid in servers:
             started[name].wait_for(rf"Received setup message from server id {sid} .*")
-    for name in proxies:
+        # No -host on the servers: each proxy connects back to the address it saw, the
+        # server's own in its namespace (the registry printed on SIGUSR1 shows it).
+        mark = len(started[name].lines)
+        started[name].signal(signal.SIGUSR1)
         for sid, address in servers.items():
-            assert any(f"{address}:2105" in line for line in started[name].lines) or True
+            started[name].wait_for(rf"server id {sid} at {re.escape(address)}:2105 up",
+                                   start=mark)
 
     def clients(tag):
         """Run six clients given both proxies, p1 first; return their outputs."""
@@ -134,16 +138,41 @@ def test_two_proxies_four_servers_six_clients_and_a_cut_link(network, nodes, tmp
     for status, out in clients("before"):
         assert status == 0, out
         assert "5 of 5 packets answered with a correct hash" in out
-        assert f"through {proxies['p1']}:2100" in out or f"via {proxies['p1']}:2100" in out
+        assert out.count(f"(via {proxies['p1']}:2100)") == 5  # the first proxy answered
+
+    # A client whose packets are at p1 when p1's link goes down: p1 is stopped, so the
+    # kernel accepts the connection and takes the frames but nothing answers them.
+    started["p1"].signal(signal.SIGSTOP)
+    stranded_file = write_packets(tmp_path, "stranded.json", [
+        {"type": 0, "srcid": "9", "privPoliId": "111", "payload": f"stranded {k}"}
+        for k in range(5)])
+    stranded = subprocess.Popen(
+        network.command("c", "client.py", "-id", 9, "-revproc", both, "-pkt", stranded_file,
+                        "-timeout", 2, "-connect-timeout", 1),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + WAIT
+    while f"{client}:" not in subprocess.run(
+            [IP, "netns", "exec", network.hosts["p1"], "ss", "-tnH", "( sport = :2100 )"],
+            capture_output=True, text=True, timeout=WAIT).stdout:
+        assert time.monotonic() < deadline, "the client never connected to p1"
+        time.sleep(0.02)  # polling the kernel's table, bounded
 
     # p1's link goes down: clients move to p2, every packet answered exactly once.
     cut_at = time.monotonic()
     network.cut("p1")
+    started["p1"].signal(signal.SIGCONT)
+    out, _ = stranded.communicate(timeout=4 * WAIT)
+    assert stranded.returncode == 0, out
+    assert out.count("Hash of payload is correct") == 5
+    assert out.count(f"(via {proxies['p2']}:2100)") == 5
+    assert (f"no answer from the reverse proxy at {proxies['p1']}:2100 within 2 s "
+            f"(-timeout); sending the 5 packets not answered through the next") in out
     for status, out in clients("during"):
         assert status == 0, out
         assert "5 of 5 packets answered with a correct hash" in out
-        assert out.count("Hash of payload is correct") == 5
-        assert proxies["p2"] in out
+        assert out.count("Hash of payload is correct") == 5  # each exactly once
+        assert out.count(f"(via {proxies['p2']}:2100)") == 5
+        assert f"cannot reach the reverse proxy at {proxies['p1']}:2100: timed out" in out
     # The servers' sessions to p1 time out (3 heartbeats without PONG).
     for sid in servers:
         started[sid].wait_for(rf"Lost the session with the reverse proxy at "
