@@ -97,6 +97,7 @@ import logging.handlers
 import math
 import os
 import queue
+import resource
 import sys
 import threading
 import time
@@ -123,6 +124,23 @@ FINISH_WAIT = 1.0
 GENERIC_EVENT = "log"
 # Keys of every JSON line, which an event's field does not overwrite.
 RESERVED_KEYS = frozenset(("ts", "level", "event", "message"))
+
+
+def descriptor_limit():
+    """Raise this process's soft limit on open descriptors to its hard limit, as
+    nginx's ``worker_rlimit_nofile`` and HAProxy (which sets it from ``maxconn``) do,
+    and return the limit in force (int; a large number where there is no limit).
+
+    A soft limit below the hard one only makes a busy program fail early: the
+    default soft limit is often 1024 while the hard one is far higher."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 # --- Events and formatters (pure) ----------------------------------------------------
@@ -508,13 +526,20 @@ class ArgumentParser(argparse.ArgumentParser):
                           help="json: one JSON object per line, with ts, level, event, "
                                "the event's fields and message")
 
-    def add_limit_options(self):
+    def add_limit_options(self, max_conns=1024):
         """Add the limits of a listening program: ``-max-conns``, ``-frame-timeout``
-        and ``-idle-timeout`` (defaults: 1024 connections, 10 s, 300 s; nginx's
-        ``client_header_timeout`` is 60 s, HAProxy's ``timeout client`` is commonly
-        30 s to a few minutes)."""
-        self.add_argument("-max-conns", type=arg_count, default=1024, metavar="N",
-                          help="open connections allowed; more are answered OVERLOADED")
+        and ``-idle-timeout`` (defaults: ``max_conns`` connections, 10 s, 300 s;
+        nginx's ``client_header_timeout`` is 60 s, HAProxy's ``timeout client`` is
+        commonly 30 s to a few minutes).
+
+        Args:
+            max_conns: the default of ``-max-conns``, or None: the program computes
+                it from its descriptor limit (``descriptor_limit``).
+        """
+        self.add_argument("-max-conns", type=arg_count, default=max_conns, metavar="N",
+                          help="open connections allowed; more are answered OVERLOADED"
+                          + ("" if max_conns else " (default: what the descriptor limit "
+                             "allows, said at start)"))
         self.add_argument("-frame-timeout", type=arg_seconds, default=10.0,
                           metavar="SECONDS", help="time a frame may take to arrive")
         self.add_argument("-idle-timeout", type=arg_seconds, default=300.0,

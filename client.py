@@ -842,15 +842,16 @@ def main(argv=None):
         return run_bench(args, packets, tls, parser)
 
     proxies = args.revproc
+    addresses = " or ".join(netio.format_address(proxy) for proxy in proxies)
     if len(proxies) == 1 and proxies[0][0] == "127.0.0.1":
         running_on = f"port {proxies[0][1]}"  # the assignment's wording
     else:
-        running_on = " or ".join(netio.format_address(proxy) for proxy in proxies)
+        running_on = addresses
     for packet in packets:
         cli.say(f"Sending message {show(packet['payload'])} to privacy policy "
                 f"{show(packet['privPoliId'])} through reverse proxy running on {running_on}",
                 cli.event("sent", payload=show(packet["payload"]),
-                          policy=packet["privPoliId"], proxy=running_on))
+                          policy=packet["privPoliId"], proxy=addresses))
     correct, failures = send_through(proxies, packets, args, tls)
     if failures:
         cli.print_error("client.py: " + ("; ".join(failures) if len(failures) > 1

@@ -70,7 +70,8 @@ class Pending:
         sent_at: loop time it was queued to its current server, seconds.
     """
 
-    __slots__ = ("client", "seq", "frame", "message", "srcid", "tried", "sent_at")
+    __slots__ = ("client", "seq", "frame", "message", "srcid", "tried", "sent_at",
+                 "resent")
 
     def __init__(self, client, seq, frame, message):
         self.client = client
@@ -80,6 +81,7 @@ class Pending:
         self.srcid = message["srcid"]
         self.tried = None
         self.sent_at = 0.0
+        self.resent = False
 
 
 class Totals:
@@ -114,11 +116,21 @@ class DataChannel(eventloop.Channel):
         self.upstream = upstream
         self.queue = collections.deque()
         self.retiring = False
+        self.answered = 0
+        self.busy_from = 0
+
+    @property
+    def stale(self):
+        """True when it answered before, then lay idle in the pool, and has answered
+        nothing since: a failure now may be the server closing an idle connection
+        just as a frame went out, not a fault of the server."""
+        return 0 < self.answered == self.busy_from
 
     def enqueue(self, pending):
         """Send ``pending`` on this connection, behind the frames in flight."""
         now = self.loop.now
         if not self.queue:
+            self.busy_from = self.answered
             self.set_deadline(now + self.forwarder.upstream_timeout)
         pending.sent_at = now
         self.queue.append(pending)
@@ -165,6 +177,7 @@ class DataChannel(eventloop.Channel):
                     f"{show(pending.srcid)}"))
                 return
             queue.popleft()
+            self.answered += 1
             upstream.in_flight -= 1
             upstream.served += 1
             if latency is not None:
@@ -288,9 +301,7 @@ class Forwarder:
                          extra=cli.event("forward", client=pending.srcid, server=upstream.key,
                                          policy=upstream.policy_key,
                                          payload=show(pending.message["payload"])))
-        pool = self.pools.get(upstream)
-        if pool is None:
-            pool = self.pools[upstream] = []
+        pool = self.pools.get(upstream, ())
         channel = None
         for candidate in pool:
             if not candidate.retiring and (channel is None
@@ -298,12 +309,18 @@ class Forwarder:
                 channel = candidate
         if channel is None or (len(channel.queue) >= PIPELINE_DEPTH
                                and len(pool) < self.pool_size):
-            channel = DataChannel(self, upstream)
-            pool.append(channel)
-            channel.enqueue(pending)
-            channel.connect(upstream.host, upstream.port, self.upstream_timeout)
+            self._open(upstream, [pending])
         else:
             channel.enqueue(pending)
+
+    def _open(self, upstream, frames):
+        # A new data connection to ``upstream`` for ``frames`` (Pending), queued before
+        # it connects, so that a connection that fails at once fails them over.
+        channel = DataChannel(self, upstream)
+        self.pools.setdefault(upstream, []).append(channel)
+        for pending in frames:
+            channel.enqueue(pending)
+        channel.connect(upstream.host, upstream.port, self.upstream_timeout)
 
     def _refuse(self, pending, exc):
         tried = pending.tried
@@ -345,6 +362,14 @@ class Forwarder:
                 self._refuse(pending, ServiceError(
                     f"the proxy is out of descriptors ({describe_error(exc)}); try again "
                     "later", protocol.OVERLOADED))
+            return
+        if (channel.stale and not any(pending.resent for pending in frames)
+                and (exc is None or isinstance(exc, ConnectionError))):
+            # As the blocking proxy before it did with a pooled connection: once, on a
+            # fresh connection to the same server, without counting a failure.
+            for pending in frames:
+                pending.resent = True
+            self._open(upstream, frames)
             return
         why = _failure_text(exc, channel)
         upstream.failures += len(frames)

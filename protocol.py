@@ -779,7 +779,7 @@ def parse_hostports(text):
         first = seen.get((same, port))
         if first is not None:
             raise ValueError(f"'{entry}' is listed twice" if first == entry else
-                             f"'{entry}' names the same peer as '{first}'")
+                             f"'{entry}' names the same reverse proxy as '{first}'")
         seen[same, port] = entry
         proxies.append((host, port))
     return proxies

@@ -59,6 +59,12 @@ packets = logging.getLogger("rproxy.packets")
 # Connection roles (PROTOCOL.md section 3), decided by the first DATA or SETUP frame.
 CLIENT, REGISTRATION = "client", "registration"
 
+# Descriptors kept out of -max-conns: the standard streams, the listeners, the
+# selector and its wake-up pair, resolver threads and health checks (and, with
+# -stats, its readers: stats.MAX_CONNECTIONS more). Each connection counted by
+# -max-conns may need a data connection too, so the default is half of what is left.
+RESERVED_DESCRIPTORS = 32
+
 # Back-pressure on one client connection. It stops reading when this many frames
 # wait for their answers to be written, when this many bytes of its frames are at the
 # servers, or when this many bytes of answers wait for it to read them; it reads
@@ -628,7 +634,7 @@ def build_parser():
                         help="serve the stats page, /stats.json, /metrics and /healthz "
                              "over HTTP on PORT or HOST:PORT (host 127.0.0.1 unless "
                              "given; 0 picks a free port)")
-    parser.add_limit_options()
+    parser.add_limit_options(max_conns=None)
     parser.add_argument("-policy-keys", metavar="FILE",
                         help="'POLICY KEY' lines: servers must prove the key of their "
                              "policy to register ('*' for any other policy)")
@@ -642,6 +648,10 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args, tls, upstream_tls = parser.parse_program_args(argv, check_peers=True)
+    limit = cli.descriptor_limit()
+    if args.max_conns is None:
+        reserved = RESERVED_DESCRIPTORS + (stats.MAX_CONNECTIONS if args.stats else 0)
+        args.max_conns = max(1, (limit - reserved) // 2)
     policy_keys = None
     if args.policy_keys:
         try:
@@ -667,6 +677,9 @@ def main(argv=None):
     if proxy.front_tier is not None:
         log.info("Front-tier listener (PROXY protocol v1 or v2) on port %d",
                  proxy.front_tier.port)
+    log.info("Open descriptors allowed: %d; serving at most %d connections at once "
+             "(-max-conns), each with room for a data connection", limit, args.max_conns,
+             extra=cli.event("limits", descriptors=limit, max_conns=args.max_conns))
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "
                  "policy (use -policy-keys to require keys)", proxy.port)

@@ -9,6 +9,7 @@
   never answer, close after N frames, wrong answer) for the fault cases.
 """
 
+import logging
 import os
 import re
 import shutil
@@ -34,13 +35,13 @@ WAIT = 10.0  # seconds any single wait in a test may take before it fails
 class Node:
     """One program run as a child process, its stdout and stderr merged and kept."""
 
-    def __init__(self, args, name=None, python=True):
+    def __init__(self, args, name=None, python=True, preexec=None):
         self.args = [PYTHON, *args] if python else list(args)
         self.name = name or os.path.basename(args[0])
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec)
         self.lines = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -114,8 +115,10 @@ class Nodes:
     def __init__(self):
         self.started = []
 
-    def start(self, *args, name=None):
-        node = Node([str(arg) for arg in args], name)
+    def start(self, *args, name=None, preexec=None):
+        """Start a Python program of the project; ``preexec`` runs in the child first
+        (a lower descriptor limit, say)."""
+        node = Node([str(arg) for arg in args], name, preexec=preexec)
         self.started.append(node)
         return node
 
@@ -282,6 +285,14 @@ class FakeServer:
         finally:
             conn.close()
 
+    def drop_connections(self):
+        """End every connection from the proxy now (the proxy sees them close)."""
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def register(self, proxy_port, policy, heartbeat=None, server_id=None):
         """Register with the proxy the legacy way (or with a session when
         ``heartbeat``); return the registration Wire, left open."""
@@ -293,7 +304,15 @@ class FakeServer:
         return wire
 
     def close(self):
+        """Stop listening and end every connection (as a killed server would).
+        ``shutdown`` first: a ``close`` from this thread would not wake the accept or
+        the reads blocked in the server's threads, and their sockets would live on."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
+        self.drop_connections()
         for conn in self._conns:
             try:
                 conn.close()
@@ -315,16 +334,65 @@ def fake_servers():
         fake.close()
 
 
+class LogWatch(logging.Handler):
+    """Collects the lines of the "rproxy" logger in this process (a proxy or loop in a
+    thread of the test); ``wait_for`` one matching a regular expression."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+        self._changed = threading.Condition()
+
+    def emit(self, record):
+        with self._changed:
+            self.lines.append(record.getMessage())
+            self._changed.notify_all()
+
+    def wait_for(self, pattern, timeout=WAIT):
+        """Wait for a line matching ``pattern``; return the match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                left = deadline - time.monotonic()
+                assert left > 0, f"no log line matching {pattern!r} in {timeout} s: {self.lines}"
+                self._changed.wait(left)
+
+    def count(self, pattern):
+        """How many lines match ``pattern`` so far."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.lines if regex.search(line))
+
+
 @pytest.fixture
-def proxies():
+def log_watch():
+    watch = LogWatch()
+    logger = logging.getLogger("rproxy")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(watch)
+    yield watch
+    logger.removeHandler(watch)
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def proxies(log_watch):
     """Start ``reverse_proxy.ReverseProxy`` in a thread of the test process: call
-    ``proxies(**options)`` for one listening on 127.0.0.1 port 0 (``.port``); every
-    one is stopped at the end of the test."""
+    ``proxies(**options)`` for one listening on 127.0.0.1 port 0 (``.port``; its log
+    lines in ``.log``, a LogWatch); every one is stopped at the end of the test, and
+    none may have logged an internal error."""
     import reverse_proxy
     made = []
 
     def make(**options):
         proxy = reverse_proxy.ReverseProxy(("127.0.0.1", 0), **options)
+        proxy.log = log_watch
         proxy.start()
         made.append(proxy)
         return proxy
@@ -332,6 +400,7 @@ def proxies():
     yield make
     for proxy in made:
         proxy.stop(drain_timeout=1.0)
+    assert not log_watch.count("internal error"), log_watch.lines
 
 
 def sha1(text):

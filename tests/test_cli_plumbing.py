@@ -455,9 +455,9 @@ def test_dropped_lines_are_counted_once_the_stdout_is_read(children):
         re.fullmatch(r"(\d+) log lines dropped \(standard output was not read fast "
                      r"enough\)", line) for line in lines) if match]
     assert dropped[0] == count
-    # Every line logged was written or counted: 2 at the start, the registration,
-    # 4 a packet, 2 at the stop.
-    assert len(lines) - len(dropped) + sum(dropped) == 2 + 1 + 4 * (STUCK_PACKETS + 1) + 2
+    # Every line logged was written or counted: 3 at the start (ready, limits,
+    # registration open), the registration, 4 a packet, 2 at the stop.
+    assert len(lines) - len(dropped) + sum(dropped) == 3 + 1 + 4 * (STUCK_PACKETS + 1) + 2
 
 
 # --- 4. -timestamps and -log-format json --------------------------------------------------

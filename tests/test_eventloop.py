@@ -16,7 +16,6 @@ traffic stays on loopback: the connect timeout is made with a full listen backlo
 
 import errno
 import fcntl
-import logging
 import os
 import queue
 import resource
@@ -258,44 +257,6 @@ class Recorder(eventloop.Channel):
 
     def closed(self, exc):
         self.record("closed", exc)
-
-
-class LogWatch(logging.Handler):
-    """Collects the "rproxy" logger's lines; ``wait_for`` one containing a text."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines = []
-        self._changed = threading.Condition()
-
-    def emit(self, record):
-        with self._changed:
-            self.lines.append(record.getMessage())
-            self._changed.notify_all()
-
-    def wait_for(self, text, timeout=WAIT):
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                assert left > 0, f"no log line with {text!r} in {timeout} s: {self.lines}"
-                self._changed.wait(left)
-
-    def count(self, text):
-        with self._changed:
-            return sum(text in line for line in self.lines)
-
-
-@pytest.fixture
-def log_watch():
-    watch = LogWatch()
-    logger = logging.getLogger("rproxy")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(watch)
-    yield watch
-    logger.removeHandler(watch)
-    logger.setLevel(level)
 
 
 def read_exactly(sock, size):

@@ -1,8 +1,10 @@
 """Black-box tests of reverse_proxy.py against PROTOCOL.md sections 1 to 5.
 
-Every test starts its own proxy on port 0 (``nodes.proxy``) and speaks raw framed
-sockets to it (``wires``). Upstream servers are real ``server.py`` processes or
-in-process ``FakeServer``s whose ``received`` list shows what the proxy forwarded.
+Every test starts its own proxy on port 0 -- in a thread of the test (``proxies``),
+or as a process where its command line or output is the point (``nodes.proxy``) --
+and speaks raw framed sockets to it (``wires``). Upstream servers are real
+``server.py`` processes or in-process ``FakeServer``s whose ``received`` list shows
+what the proxy forwarded.
 Answers are read undecoded (``recv``: plain ``json.loads`` of the frame body) so that
 the exact JSON types on the wire are asserted, not the harness's normalised ones.
 One behaviour per test; every wait is bounded by ``WAIT``.
@@ -106,8 +108,9 @@ def no_traceback(nodes):
 
 
 @pytest.fixture
-def proxy(nodes):
-    return nodes.proxy()
+def proxy(proxies):
+    """A proxy in a thread of the test (``.port``, its log lines in ``.log``)."""
+    return proxies()
 
 
 @pytest.fixture
@@ -132,8 +135,8 @@ def test_length_zero_is_bad_frame_and_closes(proxy, wires):
     assert wire.closed()
 
 
-def test_length_above_max_frame_is_frame_too_large_and_closes(nodes, wires):
-    proxy = nodes.proxy("-max-frame", 200)
+def test_length_above_max_frame_is_frame_too_large_and_closes(proxies, wires):
+    proxy = proxies(max_frame=200)
     wire = wires(proxy.port)
     wire.send_bytes((201).to_bytes(4, "big") + b"x" * 201)  # body sent too: not read
     answer = recv(wire)
@@ -142,8 +145,8 @@ def test_length_above_max_frame_is_frame_too_large_and_closes(nodes, wires):
     assert wire.closed()
 
 
-def test_body_of_exactly_max_frame_is_accepted(nodes, fake_servers, wires):
-    proxy = nodes.proxy("-max-frame", 200)
+def test_body_of_exactly_max_frame_is_accepted(proxies, fake_servers, wires):
+    proxy = proxies(max_frame=200)
     add_fake(fake_servers, proxy, "900", "111")
     head = json.dumps(data("c1", "111", ""), separators=(",", ":"))
     payload = "p" * (200 - len(head))
@@ -197,8 +200,8 @@ def test_frames_coalesced_in_one_send_are_all_answered(served, wires):
     assert [recv(wire) for _ in range(3)] == [ack("900", "c1", f"p{i}") for i in range(3)]
 
 
-def test_300_kb_payload(nodes, wires):
-    proxy = nodes.proxy()
+def test_300_kb_payload(proxies, nodes, wires):
+    proxy = proxies()
     nodes.server("100", "111", proxy.port)
     payload = "abcdefghij" * 30_000
     wire = wires(proxy.port)
@@ -219,8 +222,8 @@ def test_close_mid_frame_loses_only_that_frame(served, wires):
     assert_usable(wires(proxy.port))
 
 
-def test_frame_slower_than_frame_timeout_is_timeout_and_closes(nodes, wires):
-    proxy = nodes.proxy("-frame-timeout", 0.5)
+def test_frame_slower_than_frame_timeout_is_timeout_and_closes(proxies, wires):
+    proxy = proxies(frame_timeout=0.5)
     wire = wires(proxy.port)
     wire.send_bytes(encode(data("c1", "111", "never finished"))[:-3])
     assert_error(recv(wire, timeout=5.0), "TIMEOUT")
@@ -306,8 +309,8 @@ def test_string_type_accepted_and_answers_use_integer_types(served, wires):
     assert type(error["type"]) is int
 
 
-def test_ack_fields_exact_from_real_server(nodes, wires):
-    proxy = nodes.proxy()
+def test_ack_fields_exact_from_real_server(proxies, nodes, wires):
+    proxy = proxies()
     nodes.server("100", "111", proxy.port)
     wire = wires(proxy.port)
     wire.send_bytes(encode(data("c7", "111", "xyz1")))
@@ -315,8 +318,8 @@ def test_ack_fields_exact_from_real_server(nodes, wires):
                           "payload": "b0400cf1f3919fdba057dbd2acc52f148fbb43ac"}
 
 
-def test_ack_destid_keeps_integer_srcid(nodes, wires):
-    proxy = nodes.proxy()
+def test_ack_destid_keeps_integer_srcid(proxies, nodes, wires):
+    proxy = proxies()
     nodes.server("100", "111", proxy.port)
     wire = wires(proxy.port)
     wire.send_bytes(encode(data(7, "111", "xyz1")))
@@ -324,8 +327,8 @@ def test_ack_destid_keeps_integer_srcid(nodes, wires):
 
 
 @pytest.mark.parametrize("escaped", [False, True], ids=["utf8", "u-escapes"])
-def test_non_ascii_payload_hashed_over_utf8(nodes, wires, escaped):
-    proxy = nodes.proxy()
+def test_non_ascii_payload_hashed_over_utf8(proxies, nodes, wires, escaped):
+    proxy = proxies()
     nodes.server("100", "111", proxy.port)
     payload = "héllo wörld ✓ 中文"
     body = json.dumps(data("c1", "111", payload), ensure_ascii=escaped).encode("utf-8")
@@ -347,10 +350,10 @@ def test_unknown_fields_of_data_are_passed_to_the_server(served, wires):
     assert received["type"] == 0 and received["srcid"] == "c1" and received["payload"] == "x"
 
 
-def test_number_out_of_float_range_is_refused_with_bad_message(nodes, wires):
+def test_number_out_of_float_range_is_refused_with_bad_message(proxies, nodes, wires):
     # 1e400 cannot be passed on as JSON (it would become Infinity), so the proxy
     # refuses it up front instead of forwarding a frame the server cannot read.
-    proxy = nodes.proxy()
+    proxy = proxies()
     nodes.server("100", "111", proxy.port)
     wire = wires(proxy.port)
     wire.send_body(b'{"type":0,"srcid":"c1","privPoliId":"111","payload":"x","big":1e400}')
@@ -404,8 +407,8 @@ def test_upstream_failed_when_the_only_server_closes_without_answering(
     assert fake.count >= 1
 
 
-def test_upstream_failed_when_the_only_server_never_answers(nodes, fake_servers, wires):
-    proxy = nodes.proxy("-upstream-timeout", 0.5)
+def test_upstream_failed_when_the_only_server_never_answers(proxies, fake_servers, wires):
+    proxy = proxies(upstream_timeout=0.5)
     add_fake(fake_servers, proxy, "900", "111", lambda message, count: None)
     wire = wires(proxy.port)
     started = time.monotonic()
@@ -414,8 +417,8 @@ def test_upstream_failed_when_the_only_server_never_answers(nodes, fake_servers,
     assert time.monotonic() - started < 5.0
 
 
-def test_connection_above_max_conns_is_overloaded(nodes, wires):
-    proxy = nodes.proxy("-max-conns", 1)
+def test_connection_above_max_conns_is_overloaded(proxies, wires):
+    proxy = proxies(max_conns=1)
     first = wires(proxy.port)
     first.send_bytes(frame(b"[]"))
     assert_error(recv(first), "BAD_MESSAGE")  # the first connection is being served
@@ -528,8 +531,8 @@ def test_reregistration_with_new_policy_moves_the_server(proxy, fake_servers, wi
 
 # --- Section 3: conversations -------------------------------------------------------------
 
-def test_50_pipelined_frames_across_two_policies_answered_in_order(nodes, wires):
-    proxy = nodes.proxy()
+def test_50_pipelined_frames_across_two_policies_answered_in_order(proxies, nodes, wires):
+    proxy = proxies()
     nodes.server("100", "111", proxy.port)
     nodes.server("200", "222", proxy.port)
     wire = wires(proxy.port)
@@ -662,15 +665,15 @@ def test_leaving_server_is_removed_and_rotation_goes_on(proxy, fake_servers, wir
     wire.send_bytes(encode(data("c1", "111", "p0")))
     assert recv(wire)["srcid"] == "s1"
     sessions["s2"].close()  # s2 leaves: its session closes
-    proxy.wait_for(r"server id s2 .*left")
+    proxy.log.wait_for(r"server id s2 .*left")
     wire.send_bytes(b"".join(encode(data("c1", "111", f"p{i}")) for i in range(1, 5)))
     assert [recv(wire)["srcid"] for _ in range(4)] == ["s3", "s1", "s3", "s1"]
     for session in sessions.values():
         session.close()
 
 
-def test_12_concurrent_clients_480_packets_spread_evenly(nodes):
-    proxy = nodes.proxy("-quiet")
+def test_12_concurrent_clients_480_packets_spread_evenly(proxies, nodes):
+    proxy = proxies()
     for server_id in ("a", "b", "c"):
         nodes.server(server_id, "777", proxy.port, "-quiet")
     results, failures = [], []
@@ -717,7 +720,8 @@ def test_50_concurrent_connections_are_served(served, wires):
 
 # --- Section 5: the proxy's command line and output ------------------------------------
 
-def test_port_zero_prints_the_real_port_as_first_line(proxy, wires):
+def test_port_zero_prints_the_real_port_as_first_line(nodes, wires):
+    proxy = nodes.proxy()
     assert proxy.port != 0
     assert proxy.lines[0] == f"Running the reverse proxy on port {proxy.port}"
     wire = wires(proxy.port)
@@ -727,7 +731,7 @@ def test_port_zero_prints_the_real_port_as_first_line(proxy, wires):
 
 def test_registration_prints_setup_line(proxy, fake_servers):
     add_fake(fake_servers, proxy, "s77", "111")
-    proxy.wait_for(r"setup message from server id s77\b")
+    proxy.log.wait_for(r"setup message from server id s77\b")
 
 
 def test_busy_port_exits_1_naming_the_port():
@@ -739,8 +743,8 @@ def test_busy_port_exits_1_naming_the_port():
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_server_data_port_answers_pipelined_data_in_order(nodes, wires):
-    proxy = nodes.proxy()
+def test_server_data_port_answers_pipelined_data_in_order(proxies, nodes, wires):
+    proxy = proxies()
     server = nodes.server("100", "111", proxy.port)
     assert server.port != 0
     wire = wires(server.port)
@@ -751,8 +755,8 @@ def test_server_data_port_answers_pipelined_data_in_order(nodes, wires):
     assert recv(wire) == ack("100", "c1", "last")
 
 
-def test_server_data_port_closes_after_bad_frame(nodes, wires):
-    proxy = nodes.proxy()
+def test_server_data_port_closes_after_bad_frame(proxies, nodes, wires):
+    proxy = proxies()
     server = nodes.server("100", "111", proxy.port)
     wire = wires(server.port)
     wire.send_bytes(b"\x00\x00\x00\x00")

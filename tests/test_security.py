@@ -145,7 +145,7 @@ GOOD_POLICY = "good-policy-zz"  # no fuzz value can name it: see the pools below
 # Valid heartbeats are left out: they turn the connection into a session with its
 # own timing; out-of-range ones are in the pool below.
 # Nesting depths; 941 to 999, next to the JSON decoder's limit, are swept one by one
-# in test_nesting_next_to_the_recursion_limit (a known bug, xfail there).
+# in test_nesting_next_to_the_recursion_limit.
 DEPTHS = st.one_of(st.integers(min_value=1, max_value=940),
                    st.integers(min_value=1000, max_value=1200))
 HOSTILE_JSON = st.one_of(
@@ -266,7 +266,7 @@ def test_fuzz_random_and_mutated_frames_then_good_client_served(nodes, closed_po
     seen = collections.Counter()
     started = time.monotonic()
 
-    @settings(max_examples=900, deadline=None, database=None, derandomize=False,
+    @settings(max_examples=300, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck))
     @given(st.lists(st.lists(hostile_chunk(closed_port), min_size=1, max_size=6),
                     min_size=1, max_size=8))
@@ -306,7 +306,7 @@ def test_fuzz_random_and_mutated_frames_then_good_client_served(nodes, closed_po
 
     attack()
     fuzz_seconds = time.monotonic() - started
-    assert connections[0] >= 900
+    assert connections[0] >= 300
     # The attack reached every kind of answer, not only framing errors.
     assert {"BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER"} <= set(seen), seen
 
@@ -1057,7 +1057,7 @@ def one_line_failure(done, program="client.py"):
 def test_tls_client_with_right_ca_is_served(nodes, pki, tmp_path):
     proxy = tls_proxy(nodes, pki)
     server = tls_server(nodes, pki, "t1", "tp", proxy.port)
-    # One packet: client.py loses pipelined answers over TLS (the xfail test below).
+    # One packet here; pipelined packets over TLS: the test below.
     pkt = write_packets(tmp_path, "t.json", [data("5", "tp", "xyz1")])
     done = run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt,
                "-tls-ca", pki["ca.pem"])
@@ -1092,13 +1092,14 @@ def test_tls_client_with_right_ca_is_served(nodes, pki, tmp_path):
 
 
 def test_tls_client_pipelined_packets_all_answered(nodes, pki, tmp_path):
-    """client.py -tls-ca with 50 pipelined packets, up to 40 runs: every run gets all
-    50 answers (about 4 in 10 runs lose some with the bug)."""
+    """client.py -tls-ca with 50 pipelined packets, 15 runs: every run gets all 50
+    answers (about 4 in 10 runs lost some when the client read and wrote one TLS
+    socket from two threads: 15 runs catch that with odds of 1 in 2,000)."""
     proxy = tls_proxy(nodes, pki)
     tls_server(nodes, pki, "t1", "tp", proxy.port)
     pkt = write_packets(tmp_path, "t.json",
                         [data("5", "tp", f"{n}" + "x" * 2000) for n in range(50)])
-    for attempt in range(40):
+    for attempt in range(15):
         done = run("client.py", "-id", "5", "-revproc", proxy.port, "-pkt", pkt,
                    "-tls-ca", pki["ca.pem"], "-timeout", 3)
         assert done.returncode == 0, (attempt, done.stderr)
