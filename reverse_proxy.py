@@ -49,7 +49,6 @@ import metrics
 import netio
 import protocol
 import proxy_protocol
-import stats
 from protocol import MessageType, ServiceError, show
 from registry import BALANCES, ROUNDROBIN, Registry
 
@@ -648,6 +647,9 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args, tls, upstream_tls = parser.parse_program_args(argv, check_peers=True)
+    if args.stats:
+        # Only with -stats: stats.py brings http.server, a fifth of the start-up time.
+        import stats
     limit = cli.descriptor_limit()
     if args.max_conns is None:
         reserved = RESERVED_DESCRIPTORS + (stats.MAX_CONNECTIONS if args.stats else 0)

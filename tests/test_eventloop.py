@@ -809,7 +809,9 @@ def test_listener_out_of_descriptors_pauses_accept_without_spinning_and_comes_ba
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for sock in fillers:
             sock.close()
-    assert log_watch.count("cannot accept") == 1
+    # Said once (the log may also hold lines of other listeners of this process that
+    # the lowered limit touched: only this one's count here).
+    assert log_watch.count("cannot accept test connections") == 1
 
 
 # --- listen_socket --------------------------------------------------------------------------
