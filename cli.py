@@ -392,12 +392,12 @@ class LogWriter(logging.handlers.QueueListener):
         """Let the thread write every queued record and end, for up to ``timeout``
         seconds. Returns True if it ended, False if it is stuck (in a write that
         blocks, or behind a queue that stays full)."""
-        deadline = time.monotonic() + timeout
+        deadline = netio.Deadline(timeout)
         try:
             self.queue.put(self._sentinel, timeout=timeout)
         except queue.Full:
             return False
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread.join(deadline.left())
         return not self._thread.is_alive()
 
 

@@ -55,7 +55,7 @@ from netio import describe_error
 log = logging.getLogger("rproxy")
 
 __all__ = ["EventLoop", "Channel", "Listener", "ConnectTimeout", "EXHAUSTED",
-           "listen_socket"]
+           "listen_socket", "refuse"]
 
 # Bytes asked of the kernel per recv(): 256 KiB holds a few thousand small frames,
 # or a quarter of the largest default frame. Linux's default TCP receive buffer
@@ -133,6 +133,10 @@ class EventLoop:
         self._resolver = None
         self.now = time.monotonic()
         self.thread = None
+        # Every channel reads into this one buffer, and its decoder copies the bytes
+        # out: a recv() of RECV_SIZE would allocate (and with glibc, mmap and unmap)
+        # that much for each read.
+        self.receive_buffer = memoryview(bytearray(RECV_SIZE))
 
     # --- Used from any thread -----------------------------------------------------
 
@@ -617,11 +621,13 @@ class Channel:
     def _read(self):
         # Returns True when bytes came.
         sock = self.sock
+        view = self.loop.receive_buffer
         try:
-            data = sock.recv(RECV_SIZE)
+            size = sock.recv_into(view)
             if self._tls is not None:
-                while data and sock.pending():
-                    data += sock.recv(sock.pending())
+                # Records already decrypted raise no read event: take them now.
+                while size and size < RECV_SIZE and sock.pending():
+                    size += sock.recv_into(view[size:])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             return False
         except ssl.SSLWantWriteError:
@@ -631,14 +637,14 @@ class Channel:
         except (OSError, ValueError) as exc:
             self.abort(exc)
             return False
-        if not data:
+        if not size:
             self._reading = False
             self._read_ended = True
             self._update_interest()
             self.eof_received()
             return False
         decoder = self.decoder
-        decoder.feed(data)
+        decoder.feed(view[:size])
         bodies, error = decoder.frames()
         self.frames_received(bodies)
         if error is not None and self._state == _OPEN:
@@ -757,8 +763,8 @@ class Listener:
     Args:
         loop: the EventLoop.
         sock: a bound, listening socket (``listen_socket``).
-        on_accept: ``f(sock, address)`` for each accepted connection, in the loop
-            thread.
+        on_accept: ``f(sock, address)`` for each accepted connection (TCP_NODELAY set),
+            in the loop thread: it makes a Channel of it, or ``refuse``s it.
         name: what it serves, for the log line of an exhausted process.
     """
 
@@ -793,6 +799,12 @@ class Listener:
                             extra=cli.event("accept_failed", listener=self.name,
                                             reason=describe_error(exc)))
                 break
+            try:
+                # Frames are small and answered at once: no Nagle delay.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()  # reset before we got to it
+                continue
             self.on_accept(sock, address)
         if not self._paused:
             self._pause = FIRST_ACCEPT_PAUSE
@@ -825,6 +837,18 @@ class Listener:
             if not self._paused:
                 self.loop.selector.unregister(self.sock)
             self.sock.close()
+
+
+def refuse(sock, data):
+    """Send ``data`` (one frame) on an accepted socket without waiting, then close it:
+    a full proxy spends nothing on a peer it turns away, so a peer that does not read
+    misses the frame."""
+    try:
+        sock.setblocking(False)
+        sock.send(data)
+    except OSError:
+        pass
+    sock.close()
 
 
 def listen_socket(host, port, backlog=BACKLOG):

@@ -41,6 +41,25 @@ SEND_TIMEOUT = 60.0
 LINGER_SECONDS = 1.0
 
 
+class Deadline:
+    """A moment after which a bounded wait gives up, after websockets' ``Deadline``
+    (``sync/utils.py``): the time left is asked for at each step of a wait made of
+    several, instead of computed by hand at each.
+
+    Args:
+        seconds: from now; None for no deadline.
+    """
+
+    __slots__ = ("at",)
+
+    def __init__(self, seconds):
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def left(self):
+        """Seconds left, 0.0 once passed; None when there is no deadline."""
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+
 class ConnectionTimeout(TimeoutError):
     """No frame came in time. ``mid_frame`` is True if part of a frame had arrived."""
 
@@ -72,7 +91,14 @@ class Connection:
         self.peer = peer or format_address(sock.getpeername())
         self.send_timeout = send_timeout
         self._ready = collections.deque()
-        self._frame_started = None
+        self._frame_deadline = None  # while part of a frame has come: the frame timeout
+        # Read into, and copied out by the decoder: no allocation per recv().
+        self._received = memoryview(bytearray(RECV_SIZE))
+
+    @property
+    def tls(self):
+        """True over TLS."""
+        return isinstance(self.sock, ssl.SSLSocket)
 
     def send(self, message):
         """Send one message (``dict``) as a frame. Raises ``OSError`` on failure,
@@ -91,8 +117,8 @@ class Connection:
             idle_timeout: seconds to wait for the first byte of a frame; None: forever.
             frame_timeout: seconds a frame may take from its first byte to its last;
                 None: forever.
-            deadline: a ``time.monotonic()`` instant after which to give up whatever
-                the two timeouts say; None: none.
+            deadline: a ``Deadline`` after which to give up whatever the two timeouts
+                say; None: none.
 
         Returns:
             list: in order, each item a validated message (``dict``, see
@@ -114,7 +140,7 @@ class Connection:
         while True:
             bodies, error = decoder.frames()
             if bodies:
-                self._frame_started = time.monotonic() if decoder.in_frame else None
+                self._frame_deadline = Deadline(frame_timeout) if decoder.in_frame else None
                 items = []
                 for body in bodies:
                     try:
@@ -124,31 +150,26 @@ class Connection:
                 return items
             if error is not None:
                 raise error
-            if self._frame_started is None:
-                timeout = idle_timeout
-            elif frame_timeout is None:
-                timeout = None
-            else:
-                timeout = max(0.0, self._frame_started + frame_timeout - time.monotonic())
+            timeout = idle_timeout if self._frame_deadline is None else self._frame_deadline.left()
             if deadline is not None:
-                left = max(0.0, deadline - time.monotonic())
+                left = deadline.left()
                 timeout = left if timeout is None else min(timeout, left)
             try:
                 # Time up: bytes that came in time may still wait in the kernel (the
                 # caller was busy answering); take them without waiting.
                 # settimeout(0) means "do not block", not "time is up".
                 self.sock.settimeout(0.0 if timeout is not None and timeout <= 0 else timeout)
-                chunk = self.sock.recv(RECV_SIZE)
+                size = self.sock.recv_into(self._received)
             except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
-                mid = self._frame_started is not None
+                mid = self._frame_deadline is not None
                 raise ConnectionTimeout(
                     f"timed out waiting for {'the rest of a frame' if mid else 'a frame'} "
                     f"from {self.peer}", mid) from None
-            if not chunk:
+            if not size:
                 return []
-            if self._frame_started is None:
-                self._frame_started = time.monotonic()
-            decoder.feed(chunk)
+            if self._frame_deadline is None:
+                self._frame_deadline = Deadline(frame_timeout)
+            decoder.feed(self._received[:size])
 
     def receive(self, idle_timeout=None, frame_timeout=None, deadline=None):
         """Receive the next message (arguments as ``receive_batch``).
@@ -208,12 +229,9 @@ class Connection:
         try:
             if linger:
                 sock.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + LINGER_SECONDS
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    sock.settimeout(left)
+                deadline = Deadline(LINGER_SECONDS)
+                while deadline.left():
+                    sock.settimeout(deadline.left())
                     if not sock.recv(RECV_SIZE):
                         break
         except OSError:
@@ -482,16 +500,15 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         received and returns, and wait up to ``timeout`` seconds for them all.
 
         Call after ``shutdown()``. Returns True when every handler finished."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with self._lock:
             self._draining = True
             for conn in list(self.connections):
                 conn.wake()
             while self._accepting:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if not deadline.left():
                     return False
-                self._lock.wait(left)
+                self._lock.wait(deadline.left())
         return True
 
 

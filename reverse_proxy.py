@@ -37,7 +37,6 @@ Threads and locks:
 import ipaddress
 import logging
 import signal
-import socket
 import threading
 import time
 
@@ -393,15 +392,10 @@ class ReverseProxy:
             log.warning("refusing connection from %s: %d connections open (-max-conns)",
                         peer, self.max_conns,
                         extra=cli.event("overloaded", peer=peer, max_conns=self.max_conns))
-            _refuse(sock, protocol.encode_frame(protocol.error(
+            eventloop.refuse(sock, protocol.encode_frame(protocol.error(
                 protocol.OVERLOADED, f"the proxy has {self.max_conns} connections open, its "
                 "maximum; try again later")))
             self.totals.answers[protocol.OVERLOADED] += 1
-            return
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            sock.close()
             return
         FrontChannel(self, sock, peer, host, proxied).start()
 
@@ -570,17 +564,6 @@ def _unmapped(host):
     return str(mapped) if mapped is not None else host
 
 
-def _refuse(sock, frame):
-    # Said without waiting: a full proxy must not spend anything on a peer it turns
-    # away, so a peer that does not read misses the frame.
-    try:
-        sock.setblocking(False)
-        sock.send(frame)
-    except OSError:
-        pass
-    sock.close()
-
-
 def parse_balance(text):
     """Parse a ``-balance`` value: ``ALG`` or ``POLICY=ALG`` (ALG: roundrobin,
     leastconn). Returns ``(policy or "*", ALG)``.
@@ -672,7 +655,7 @@ def main(argv=None):
                 args.host, args.proxy_protocol_port))
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.port, exc)
-    signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1))
+    signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     cli.on_output_closed(lambda: signals.post(signal.SIGTERM))
     log.info("Running the reverse proxy on port %d", proxy.port,
              extra=cli.event("listening", port=proxy.port))
@@ -703,6 +686,11 @@ def main(argv=None):
         received = signals.wait()
         if signal.SIGUSR1 in received:
             log.info("\n".join(proxy.status_lines()))
+        if signal.SIGHUP in received:
+            if args.policy_keys:
+                proxy.reload_keys(args.policy_keys)
+            else:
+                log.info("SIGHUP: nothing to reload (no -policy-keys file)")
         if signal.SIGTERM in received or signal.SIGINT in received:
             break
     log.info("Stopping: answering the frames already received, then exiting")

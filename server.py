@@ -223,7 +223,7 @@ class Registrar(threading.Thread):
                  f" (heartbeat {self.heartbeat:g} s)" if self.heartbeat else "")
 
     def _answer(self, conn):
-        answer = conn.receive(deadline=time.monotonic() + self.connect_timeout)
+        answer = conn.receive(deadline=netio.Deadline(self.connect_timeout))
         if answer is None:
             raise SessionLost("the proxy closed the connection before answering SETUP")
         return answer
@@ -231,21 +231,21 @@ class Registrar(threading.Thread):
     def _keep_session(self, conn):
         """PING every heartbeat until ``leave``; raise SessionLost if the session ends."""
         beat = self.heartbeat
-        last_heard = next_ping = time.monotonic()
+        ping_due = netio.Deadline(0)
+        silence = netio.Deadline(3 * beat)  # moved on by every frame heard
         while not self._stopping.is_set():
-            now = time.monotonic()
-            if now >= next_ping:
+            if not ping_due.left():
                 conn.send(protocol.ping())
-                next_ping = now + beat
-            if now - last_heard > 3 * beat:
+                ping_due = netio.Deadline(beat)
+            if not silence.left():
                 raise SessionLost(f"no answer to PING for {3 * beat:g} s (3 heartbeats)")
             try:
-                message = conn.receive(idle_timeout=min(next_ping, last_heard + 3 * beat) - now)
+                message = conn.receive(idle_timeout=min(ping_due.left(), silence.left()))
             except netio.ConnectionTimeout:
                 continue
             if message is None:
                 raise SessionLost("the proxy closed the session")
-            last_heard = time.monotonic()
+            silence = netio.Deadline(3 * beat)
             if message["type"] == MessageType.ERROR:
                 log.warning("The reverse proxy at %s reported on the session: %s: %s",
                             self.where, message["code"], message["message"])
@@ -430,9 +430,9 @@ def main(argv=None):
                      f"{len(staying)} proxies")
         for registrar in staying:
             registrar.leave()
-        deadline = time.monotonic() + LEAVE_TIMEOUT
+        deadline = netio.Deadline(LEAVE_TIMEOUT)
         for registrar in staying:
-            registrar.join(max(0.0, deadline - time.monotonic()))
+            registrar.join(deadline.left())
 
     netio.run_until_stopped(server, leave, signals)
     if all(registrar.refused is not None for registrar in registrars):

@@ -18,7 +18,7 @@ import socket
 
 import pytest
 
-import client
+import loadgen
 import protocol
 from conftest import ROOT, run, write_packets
 
@@ -242,7 +242,7 @@ def test_help_describes_the_load_options():
 # --- Pure parts of the load mode -----------------------------------------------------------
 
 def test_histogram_exact_below_2048_us():
-    histogram = client.LatencyHistogram()
+    histogram = loadgen.LatencyHistogram()
     for micros in range(1, 101):
         histogram.record(micros)
     assert histogram.count == 100 and histogram.max == 100
@@ -250,7 +250,7 @@ def test_histogram_exact_below_2048_us():
 
 
 def test_histogram_within_a_tenth_of_a_percent_above():
-    histogram = client.LatencyHistogram()
+    histogram = loadgen.LatencyHistogram()
     values = [2048, 4095, 4096, 123_456, 10 ** 7]
     for micros in values:
         histogram.record(micros)
@@ -262,7 +262,7 @@ def test_histogram_within_a_tenth_of_a_percent_above():
 
 
 def test_histogram_empty_and_merge():
-    first, second = client.LatencyHistogram(), client.LatencyHistogram()
+    first, second = loadgen.LatencyHistogram(), loadgen.LatencyHistogram()
     assert first.percentile(0.5) is None
     for micros in (10, 20):
         first.record(micros)
@@ -274,7 +274,7 @@ def test_histogram_empty_and_merge():
 
 
 def test_histogram_rank_is_not_pushed_up_by_rounding():
-    histogram = client.LatencyHistogram()
+    histogram = loadgen.LatencyHistogram()
     for micros in range(1, 101):
         histogram.record(micros)
     assert histogram.percentile(0.07) == 7  # 0.07 x 100 is 7.000000000000001 in floats
@@ -282,20 +282,20 @@ def test_histogram_rank_is_not_pushed_up_by_rounding():
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 64, 1000])
 def test_payloads_exact_utf8_size(size):
-    payloads = client.make_payloads(size, 50, random.Random(size))
+    payloads = loadgen.make_payloads(size, 50, random.Random(size))
     assert len(payloads) == 50
     assert {len(text.encode("utf-8")) for text in payloads} == {size}
     assert all(json.dumps(text, ensure_ascii=False) == f'"{text}"' for text in payloads)
 
 
 def test_payloads_hold_non_ascii_text():
-    text = "".join(client.make_payloads(64, 100, random.Random(1)))
+    text = "".join(loadgen.make_payloads(64, 100, random.Random(1)))
     assert not text.isascii()
-    assert len(set(client.make_payloads(64, 100, random.Random(1)))) == 100
+    assert len(set(loadgen.make_payloads(64, 100, random.Random(1)))) == 100
 
 
 def test_bench_frames_and_hashes():
-    frames, hashes = client.bench_frames("7", ["a", "b"], ["x", "y", "z"])
+    frames, hashes = loadgen.bench_frames("7", ["a", "b"], ["x", "y", "z"])
     decoder = protocol.FrameDecoder()
     decoder.feed(b"".join(frames))
     messages = [protocol.parse_message(decoder.next_frame()) for _ in frames]
@@ -321,22 +321,22 @@ JUDGED = {
 
 @pytest.mark.parametrize("answer, verdict", JUDGED.values(), ids=JUDGED.keys())
 def test_judge_answer(answer, verdict):
-    assert client.judge_answer(answer, GOOD, "7") == verdict
+    assert loadgen.judge_answer(answer, GOOD, "7") == verdict
 
 
 def test_progress_line_and_summary_text():
-    histogram = client.LatencyHistogram()
+    histogram = loadgen.LatencyHistogram()
     for micros in (1000, 1210, 3400):
         histogram.record(micros)
-    assert client.progress_line(3, 41230.4, histogram, 0) == (
+    assert loadgen.progress_line(3, 41230.4, histogram, 0) == (
         "time 3 s  packets/s 41,230  p50 1.21 ms  p99 3.40 ms  errors 0")
-    assert client.progress_line(4, 0, client.LatencyHistogram(), 2) == (
+    assert loadgen.progress_line(4, 0, loadgen.LatencyHistogram(), 2) == (
         "time 4 s  packets/s 0  p50 -  p99 -  errors 2")
     summary = {"packets": 412300, "seconds": 10.0, "packets_per_s": 41230.0,
                "payload_bytes_per_s": 2638720.0, "errors": 3,
                "error_kinds": {"wrong hash": 2, "ERROR NO_SERVER": 1},
                "p50_ms": 1.21, "p90_ms": 2.02, "p99_ms": 3.4, "max_ms": 12.5}
-    assert client.summary_lines(summary) == [
+    assert loadgen.summary_lines(summary) == [
         "packets 412,300 answered correctly in 10.00 s: 41,230 packets/s, 2.64 MB/s of payload",
         "latency p50 1.21 ms  p90 2.02 ms  p99 3.40 ms  max 12.50 ms",
         "errors 3: 2 wrong hash, 1 ERROR NO_SERVER"]

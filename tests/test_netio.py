@@ -447,7 +447,7 @@ def test_frame_timeout_counts_from_the_first_byte_not_from_the_last(kit, clock):
 
 def test_deadline_bounds_an_idle_wait_with_no_idle_timeout(kit):
     conn, peer = kit.pair()
-    exc, took = timed(conn.receive_batch, deadline=time.monotonic() + 0.05)
+    exc, took = timed(conn.receive_batch, deadline=netio.Deadline(0.05))
     assert isinstance(exc, netio.ConnectionTimeout) and exc.mid_frame is False
     assert 0.04 <= took < WAIT / 2
 
@@ -456,14 +456,14 @@ def test_deadline_cuts_a_longer_frame_timeout_short_mid_frame(kit):
     conn, peer = kit.pair()
     peer.sendall(frame(data(1))[:3])
     exc, took = timed(conn.receive_batch, idle_timeout=WAIT, frame_timeout=WAIT,
-                      deadline=time.monotonic() + 0.05)
+                      deadline=netio.Deadline(0.05))
     assert isinstance(exc, netio.ConnectionTimeout) and exc.mid_frame is True
     assert 0.04 <= took < WAIT / 2
 
 
 def test_deadline_already_passed_raises_at_once(kit):
     conn, peer = kit.pair()
-    exc, took = timed(conn.receive_batch, deadline=time.monotonic() - 1.0)
+    exc, took = timed(conn.receive_batch, deadline=netio.Deadline(-1.0))
     assert isinstance(exc, netio.ConnectionTimeout) and exc.mid_frame is False
     assert took < WAIT / 2
 

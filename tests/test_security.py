@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import ssl
 import threading
@@ -1182,3 +1183,58 @@ def test_mutual_tls_registration_needs_a_client_certificate(nodes, pki, tmp_path
     assert "Receiving a response from the server mc" in done.stdout
     assert_clean_log(proxy)
     assert_clean_log(good)
+
+
+# --- Key reload on SIGHUP ------------------------------------------------------------
+
+def test_sighup_reloads_the_policy_keys_keeping_registrations_and_connections(
+        nodes, tmp_path, fake_servers):
+    keys = tmp_path / "policy.keys"
+    keys.write_text("pA alpha-1\npB bravo-1\n", encoding="utf-8")
+    proxy = nodes.proxy("-policy-keys", keys)
+    a = fake_servers("a1")
+    session = Wire(proxy.port)
+    setup = protocol.setup("a1", "pA", a.port, heartbeat=30)
+    session.send(proven(setup, b"alpha-1", challenge(session, setup)))
+    assert session.receive()["type"] == protocol.MessageType.REGISTERED
+    client = Wire(proxy.port)
+    client.send(data("c", "pA", "before"))
+    assert client.receive()["payload"] == sha1("before")
+
+    # pA's key changes, pB goes, pC comes.
+    keys.write_text("pA alpha-2\npC charlie-1\n", encoding="utf-8")
+    mark = len(proxy.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(r"^Policy keys reloaded from .*: added pC; removed pB; changed pA$",
+                   start=mark)
+    # Registered servers stay, open connections stay.
+    client.send(data("c", "pA", "after"))
+    assert client.receive()["payload"] == sha1("after")
+    session.send({"type": 5})
+    assert session.receive() == {"type": 6}
+    # New registrations are checked against the new keys.
+    for key, policy, expected in ((b"alpha-1", "pA", "UNAUTHORIZED"),
+                                  (b"alpha-2", "pA", "REGISTERED"),
+                                  (b"bravo-1", "pB", "UNAUTHORIZED"),
+                                  (b"charlie-1", "pC", "REGISTERED")):
+        wire = Wire(proxy.port)
+        setup = protocol.setup(f"n-{policy}-{key.decode()}", policy, a.port)
+        nonce = challenge(wire, setup)
+        wire.send(proven(setup, key, nonce))
+        answer = wire.receive()
+        assert answer.get("code", answer["type"].name) == expected, (policy, key, answer)
+        wire.close()
+
+    # A file that cannot be read or parsed keeps the keys in force, and says why.
+    keys.write_text("pA alpha-2 extra-field\n", encoding="utf-8")
+    mark = len(proxy.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(r"keeping the policy keys in force: .* line 1: expected 'POLICY KEY', "
+                   r"got 3 fields", start=mark)
+    wire = Wire(proxy.port)
+    setup = protocol.setup("late", "pC", a.port)
+    wire.send(proven(setup, b"charlie-1", challenge(wire, setup)))
+    assert wire.receive()["type"] == protocol.MessageType.REGISTERED
+    for open_wire in (wire, client, session):
+        open_wire.close()
+    assert_clean_log(proxy)
