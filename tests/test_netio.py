@@ -122,16 +122,22 @@ class ShortReads(socket.socket):
         self.position = 0
         self.before_read = None
 
-    def recv(self, bufsize, flags=0):
+    def _limit(self, size):
         if self.before_read is not None:
             self.before_read(self.position)
         while self.ends and self.ends[0] <= self.position:
             self.ends.popleft()
-        if self.ends:
-            bufsize = min(bufsize, self.ends[0] - self.position)
-        chunk = super().recv(bufsize, flags)
+        return min(size, self.ends[0] - self.position) if self.ends else size
+
+    def recv(self, bufsize, flags=0):
+        chunk = super().recv(self._limit(bufsize), flags)
         self.position += len(chunk)
         return chunk
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        size = super().recv_into(buffer, self._limit(nbytes or len(buffer)), flags)
+        self.position += size
+        return size
 
 
 class Kit:
