@@ -65,29 +65,29 @@ Log lines (``-log-format``, ``-timestamps``, ``-quiet``):
 * ``-quiet`` silences the per-packet lines (the ``rproxy.packets`` logger) in both.
 
 Events: a record names its event with ``extra=cli.event(NAME, field=value, ...)``;
-a record without one has the event ``log`` and no fields, so programs adopt names
-call by call. Defined here and in the programs' ``main``:
+a record without one has the event ``log`` and no fields. The events and their
+fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that a
+1 MiB payload does not make a 1 MiB log line):
 
-==================  ==================  ==============================================
-event               who                 fields
-==================  ==================  ==============================================
-``log``             all                 none: a line without an event name yet
-``dropped``         proxy, server       ``count``: log lines dropped (a slow stdout)
-``listening``       proxy, server       ``port``: the ready line
-``sent``            client              ``payload``, ``policy``, ``proxy``
-``answer``          client              ``server``, ``payload`` (the hash received)
-``verified``        client              ``server``, ``payload``: the hash is right
-``wrong_hash``      client              ``server``, ``payload``, ``expected``
-``error_answer``    client              ``code``, ``error`` (its message), ``payload``
-``unexpected``      client              ``type``, ``payload`` (sent)
-``summary``         client              ``correct``, ``packets``
-==================  ==================  ==============================================
-
-Reserved for the proxy and the server as they adopt events: ``registered`` (``id``,
-``policy``, ``port``), ``left``, ``server_down``, ``server_up`` (``id``, ``policy``,
-``address``), ``forward`` (``client``, ``server``, ``policy``), ``refused``
-(``peer``, ``reason``). Payloads are given as ``protocol.show`` gives them (at most
-64 characters), so that a 1 MiB payload does not make a 1 MiB log line.
+* all: ``log`` (none), ``dropped`` {count}: log lines dropped (a slow stdout).
+* proxy and server: ``listening`` {port}: the ready line.
+* proxy: ``limits`` {descriptors, max_conns}; ``registered`` {id, policy, port,
+  address, heartbeat, weight, peer}; ``refused`` {peer, reason}; ``session_replaced``
+  {id, peer, old_peer}; ``left``, ``server_up`` {id, policy, address};
+  ``server_down``, ``server_dropped`` {id, policy, address, reason}; per packet
+  ``received`` {client, policy, payload, peer}, ``forward`` {client, server, policy,
+  payload}, ``answer`` {server, payload}, ``reply`` {client, payload};
+  ``no_server``, ``upstream_failed`` {client, policy, reason, peer}; ``exhausted``
+  {id, address, reason, frames}; ``bad_message``, ``bad_frame``,
+  ``frame_too_large`` {peer, reason}; ``frame_timeout``, ``idle_timeout`` {peer};
+  ``connection_failed`` {peer, reason}; ``overloaded`` {peer, max_conns};
+  ``accept_paused``, ``accept_failed`` {listener, reason}; ``keys_reloaded`` {file,
+  added, removed, changed}; ``keys_kept`` {file, reason}; ``internal_error`` {where,
+  error, reason}.
+* client: ``sent`` {payload, policy, proxy}, ``answer`` {server, payload},
+  ``verified`` {server, payload}, ``wrong_hash`` {server, payload, expected},
+  ``error_answer`` {code, error, payload}, ``unexpected`` {type, payload},
+  ``failover`` {proxy, reason, packets}, ``summary`` {correct, packets}.
 """
 
 import argparse

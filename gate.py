@@ -21,7 +21,7 @@ import protocol
 from protocol import ServiceError, policy_text, show
 
 __all__ = ["NONCE_LIFETIME", "MAX_FAILURES", "Attempt", "RegistrationGate",
-           "load_policy_keys"]
+           "load_policy_keys", "key_file_lines"]
 
 # A nonce is good once, for this many seconds (PROTOCOL.md section 9). A server
 # answers a challenge in milliseconds; 10 s covers a slow TLS peer and is short
@@ -138,6 +138,26 @@ class RegistrationGate:
                 sorted(policy for policy in set(old) & set(keys) if old[policy] != keys[policy]))
 
 
+def key_file_lines(path, what):
+    """The lines of a key file that hold something, without ``#`` comments and
+    surrounding blanks: a list of ``(line number, text)``.
+
+    Args:
+        what: the kind of file, for the error ("policy key file", "key file").
+
+    Raises:
+        ValueError: the file cannot be read or is not UTF-8; the message names it.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {what} '{path}': "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    kept = ((number, line.split("#", 1)[0].strip()) for number, line in enumerate(lines, 1))
+    return [(number, text) for number, text in kept if text]
+
+
 def load_policy_keys(path):
     """Read a policy key file: one ``POLICY KEY`` pair per line, ``#`` comments
     (PROTOCOL.md section 9).
@@ -148,17 +168,8 @@ def load_policy_keys(path):
     Raises:
         ValueError: unreadable file or a malformed line, named with its number.
     """
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read policy key file '{path}': "
-                         f"{getattr(exc, 'strerror', None) or exc}") from None
     keys = {}
-    for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for number, line in key_file_lines(path, "policy key file"):
         fields = line.split()
         if len(fields) != 2:
             raise ValueError(f"{path} line {number}: expected 'POLICY KEY', got {len(fields)} "

@@ -21,13 +21,20 @@ Units, each testable alone:
 Threads and locks:
 
 * The main thread parses the command line, then waits for signals
-  (``netio.Signals``): SIGTERM and Ctrl-C drain and stop the proxy, SIGUSR1 prints
-  the registry. It reads the registry under its lock and touches nothing else.
-* The loop thread (``ReverseProxy.start``) owns every socket: the listener, every
+  (``netio.Signals``: the handlers do nothing, the signal numbers come through a
+  socket): SIGTERM and Ctrl-C drain and stop the proxy, SIGUSR1 prints the registry
+  (read under the registry's lock), SIGHUP reads the key file and posts the new keys
+  to the loop. It touches nothing else.
+* The loop thread (``ReverseProxy.start``) owns every socket: the listeners, every
   client, registration and data connection, every health check, and all per-
-  connection state. It is the only writer of the registry.
+  connection state, the counters (``forwarder.Totals``) and the registration gate.
+  It is the only writer of the registry. Other threads reach it only through
+  ``EventLoop.post``.
 * The registry's lock guards the registry and its rotations; it is held for
   microseconds (a choice, a state change, a snapshot), never across I/O.
+* With ``-stats``, the stats listener's threads (``stats.StatsServer``: one accepts,
+  one per request) ask for a snapshot with ``ReverseProxy.stats``, which the loop
+  thread takes between two turns and hands back: they read nothing of the loop's.
 * The resolver pool of the event loop (up to two threads, only for SETUP host names
   that are not IP literals) resolves names and posts the result to the loop.
 * Log lines are queued by whichever thread logs, without waiting, and written by

@@ -32,6 +32,7 @@ import threading
 import time
 
 import cli
+import gate
 import netio
 import protocol
 from protocol import MessageType, show
@@ -272,17 +273,10 @@ def read_key_file(path):
     Raises:
         ValueError: unreadable file or no key in it.
     """
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read key file '{path}': "
-                         f"{getattr(exc, 'strerror', None) or exc}") from None
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if line:
-            return line.encode("utf-8")
-    raise ValueError(f"key file '{path}' holds no key")
+    lines = gate.key_file_lines(path, "key file")
+    if not lines:
+        raise ValueError(f"key file '{path}' holds no key")
+    return lines[0][1].encode("utf-8")
 
 
 def parse_weight(text):
