@@ -70,8 +70,16 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
 1 MiB payload does not make a 1 MiB log line):
 
 * all: ``log`` (none), ``dropped`` {count}: log lines dropped (a slow stdout).
-* proxy and server: ``listening`` {port}: the ready line.
-* proxy: ``limits`` {descriptors, max_conns}; ``registered`` {id, policy, port,
+* proxy and server: ``listening`` {port}: the ready line; ``stopping``, ``stopped``.
+* server: ``starting`` {id}, ``policy`` {policy}, ``connecting`` {proxy},
+  ``unreachable`` {proxy, reason, retry_s}, ``registered`` {proxy, id, policy,
+  heartbeat}, ``session_lost`` {proxy, reason, retry_s}, ``session_error`` {proxy,
+  code, reason}, ``refused`` {proxy, reason}; per packet ``received`` {client,
+  payload}, ``answer`` {client, payload}; ``bad_message`` {peer, reason},
+  ``idle_timeout`` {peer}.
+* proxy: ``front_tier`` {port}; ``limits`` {descriptors, max_conns};
+  ``registration_open``; ``registration_keyed`` {policies}; ``registry`` {policies}
+  (SIGUSR1); ``registered`` {id, policy, port,
   address, heartbeat, weight, peer}; ``refused`` {peer, reason}; ``session_replaced``
   {id, peer, old_peer}; ``left``, ``server_up`` {id, policy, address};
   ``server_down``, ``server_dropped`` {id, policy, address, reason}; per packet

@@ -668,16 +668,18 @@ def main(argv=None):
              extra=cli.event("listening", port=proxy.port))
     if proxy.front_tier is not None:
         log.info("Front-tier listener (PROXY protocol v1 or v2) on port %d",
-                 proxy.front_tier.port)
+                 proxy.front_tier.port, extra=cli.event("front_tier", port=proxy.front_tier.port))
     log.info("Open descriptors allowed: %d; serving at most %d connections at once "
              "(-max-conns), each with room for a data connection", limit, args.max_conns,
              extra=cli.event("limits", descriptors=limit, max_conns=args.max_conns))
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "
-                 "policy (use -policy-keys to require keys)", proxy.port)
+                 "policy (use -policy-keys to require keys)", proxy.port,
+                 extra=cli.event("registration_open"))
     else:
         log.info("Registration needs a key proof for policies: %s",
-                 ", ".join(sorted(policy_keys)))
+                 ", ".join(sorted(policy_keys)),
+                 extra=cli.event("registration_keyed", policies=sorted(policy_keys)))
     proxy.start()
     board = None
     if args.stats:
@@ -692,7 +694,8 @@ def main(argv=None):
     while True:
         received = signals.wait()
         if signal.SIGUSR1 in received:
-            log.info("\n".join(proxy.status_lines()))
+            log.info("\n".join(proxy.status_lines()),
+                     extra=cli.event("registry", policies=proxy.registry.snapshot()))
         if signal.SIGHUP in received:
             if args.policy_keys:
                 proxy.reload_keys(args.policy_keys)
@@ -700,11 +703,12 @@ def main(argv=None):
                 log.info("SIGHUP: nothing to reload (no -policy-keys file)")
         if signal.SIGTERM in received or signal.SIGINT in received:
             break
-    log.info("Stopping: answering the frames already received, then exiting")
+    log.info("Stopping: answering the frames already received, then exiting",
+             extra=cli.event("stopping"))
     proxy.stop()
     if board is not None:
         board.close()
-    log.info("Reverse proxy stopped")
+    log.info("Reverse proxy stopped", extra=cli.event("stopped"))
     return 0
 
 

@@ -91,7 +91,8 @@ class UpstreamServer(netio.FramedServer):
                 try:
                     items = conn.next_batch(self.idle_timeout, self.frame_timeout)
                 except netio.ConnectionTimeout as exc:
-                    log.info("closing connection from %s: %s", conn.peer, exc)
+                    log.info("closing connection from %s: %s", conn.peer, exc,
+                             extra=cli.event("idle_timeout", peer=conn.peer))
                     return
                 if items is None:
                     return
@@ -110,16 +111,21 @@ class UpstreamServer(netio.FramedServer):
             peer: the connection's label, for the log line of a bad frame.
         """
         if isinstance(item, protocol.MessageError):
-            log.warning("%s (from %s)", item, peer)
+            log.warning("%s (from %s)", item, peer,
+                        extra=cli.event("bad_message", peer=peer, reason=item.message))
             return protocol.error_message(item)
         kind = item["type"]
         if kind == MessageType.DATA:
             reply = protocol.ack_for(self.server_id, item)
             if packets.isEnabledFor(logging.INFO):
                 packets.info("Received a message from client %s payload: %s",
-                             show(item["srcid"]), show(item["payload"]))
+                             show(item["srcid"]), show(item["payload"]),
+                             extra=cli.event("received", client=item["srcid"],
+                                             payload=show(item["payload"])))
                 packets.info("Sending a response to the client %s payload: %s",
-                             show(item["srcid"]), reply["payload"])
+                             show(item["srcid"]), reply["payload"],
+                             extra=cli.event("answer", client=item["srcid"],
+                                             payload=reply["payload"]))
             return reply
         if kind == MessageType.PING:
             return protocol.pong()
@@ -167,7 +173,9 @@ class Registrar(threading.Thread):
                 conn = netio.connect(*self.proxy, self.connect_timeout, tls=self.tls)
             except OSError as exc:
                 log.info("Cannot reach the reverse proxy at %s (%s); retrying in %g s",
-                         self.where, netio.describe_error(exc), pause)
+                         self.where, netio.describe_error(exc), pause,
+                         extra=cli.event("unreachable", proxy=self.where,
+                                         reason=netio.describe_error(exc), retry_s=pause))
             else:
                 try:
                     self._register(conn)
@@ -188,10 +196,11 @@ class Registrar(threading.Thread):
                 except (SessionLost, OSError, protocol.ProtocolError) as exc:
                     if self._stopping.is_set():
                         return
+                    why = netio.describe_error(exc) if isinstance(exc, OSError) else str(exc)
                     log.info("Lost the session with the reverse proxy at %s (%s); "
-                             "registering again in %g s", self.where,
-                             netio.describe_error(exc) if isinstance(exc, OSError) else exc,
-                             pause)
+                             "registering again in %g s", self.where, why, pause,
+                             extra=cli.event("session_lost", proxy=self.where, reason=why,
+                                             retry_s=pause))
                 finally:
                     conn.close()
             if self._stopping.wait(pause):
@@ -221,7 +230,9 @@ class Registrar(threading.Thread):
         log.info("Registered with the reverse proxy at %s as server id %s for privacy "
                  "policy %s%s", self.where, show(answer["id"]),
                  show(answer["privPolyId"]),
-                 f" (heartbeat {self.heartbeat:g} s)" if self.heartbeat else "")
+                 f" (heartbeat {self.heartbeat:g} s)" if self.heartbeat else "",
+                 extra=cli.event("registered", proxy=self.where, id=answer["id"],
+                                 policy=answer["privPolyId"], heartbeat=self.heartbeat))
 
     def _answer(self, conn):
         answer = conn.receive(deadline=netio.Deadline(self.connect_timeout))
@@ -249,7 +260,9 @@ class Registrar(threading.Thread):
             silence = netio.Deadline(3 * beat)
             if message["type"] == MessageType.ERROR:
                 log.warning("The reverse proxy at %s reported on the session: %s: %s",
-                            self.where, message["code"], message["message"])
+                            self.where, message["code"], message["message"],
+                            extra=cli.event("session_error", proxy=self.where,
+                                            code=message["code"], reason=message["message"]))
 
     def leave(self):
         """Begin leaving: stop registering and close the session. ``join`` then waits
@@ -374,8 +387,9 @@ def main(argv=None):
             parser.error(str(exc))
     if args.host is None:
         args.host = default_host(args.revproc)
-    log.info("Server running with id %s", show(args.id))
-    log.info("Server serving privacy policy %s", show(args.pp))
+    log.info("Server running with id %s", show(args.id), extra=cli.event("starting", id=args.id))
+    log.info("Server serving privacy policy %s", show(args.pp),
+             extra=cli.event("policy", policy=args.pp))
     try:
         server = UpstreamServer(
             (args.host, args.listen), args.id, frame_timeout=args.frame_timeout,
@@ -398,14 +412,18 @@ def main(argv=None):
         # the server, whatever the order.
         if several:
             log.warning("The reverse proxy at %s refused registration: %s; not asking it "
-                        "again", registrar.where, registrar.refused)
+                        "again", registrar.where, registrar.refused,
+                        extra=cli.event("refused", proxy=registrar.where,
+                                        reason=registrar.refused))
         if all(other.refused is not None for other in registrars):
             signals.post(signal.SIGTERM)
 
     for proxy_host, proxy_port in args.revproc:
         # The assignment's wording; with several proxies, the host tells them apart.
         log.info("Connecting to the reverse proxy on port %d%s", proxy_port,
-                 f" at {proxy_host}" if several else "")
+                 f" at {proxy_host}" if several else "",
+                 extra=cli.event("connecting", proxy=netio.format_address(
+                     (proxy_host, proxy_port))))
         registrars.append(Registrar((proxy_host, proxy_port), setup_message, key=key,
                                     tls=proxy_tls, on_refused=on_refused))
     for registrar in registrars:
@@ -417,11 +435,12 @@ def main(argv=None):
             return
         if args.heartbeat == 0:
             log.info("Stopping: answering the frames already received (registered without "
-                     "a session: a proxy drops this server when a forward to it fails)")
+                     "a session: a proxy drops this server when a forward to it fails)",
+                     extra=cli.event("stopping"))
         else:
             log.info("Stopping: leaving the rotation of %s, then answering the frames "
                      "already received", "the proxy" if len(staying) == 1 else
-                     f"{len(staying)} proxies")
+                     f"{len(staying)} proxies", extra=cli.event("stopping"))
         for registrar in staying:
             registrar.leave()
         deadline = netio.Deadline(LEAVE_TIMEOUT)
@@ -437,7 +456,7 @@ def main(argv=None):
             cli.print_error(f"server.py: the reverse proxy refused registration: "
                             f"{registrars[0].refused}")
         return 1
-    log.info("Server stopped")
+    log.info("Server stopped", extra=cli.event("stopped"))
     return 0
 
 
