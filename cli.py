@@ -639,7 +639,27 @@ def arg_id(text):
     """An id or policy id: any non-empty text."""
     if not text:
         raise ValueError("must not be empty")
-    return text
+    return command_line_text(text)
+
+
+def command_line_text(text):
+    """``text`` from the command line as the UTF-8 it was typed in. Under a locale
+    whose encoding cannot decode it (``LC_ALL=C`` without UTF-8 mode), Python keeps
+    the bytes it could not decode as lone surrogates (PEP 383), which no frame can
+    carry: they are decoded again here as UTF-8.
+
+    Raises:
+        ValueError: the bytes are not UTF-8 either; the message shows them.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = os.fsencode(text)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{raw!r} is not UTF-8 text") from None
 
 
 @arg_type

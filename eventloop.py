@@ -35,7 +35,7 @@ resolver pool hands back addresses and how ``stop`` is asked for.
 """
 
 import collections
-import concurrent.futures
+from concurrent.futures import ThreadPoolExecutor
 import errno
 import heapq
 import ipaddress
@@ -54,8 +54,8 @@ from netio import describe_error
 
 log = logging.getLogger("rproxy")
 
-__all__ = ["EventLoop", "Channel", "Listener", "ConnectTimeout", "EXHAUSTED",
-           "listen_socket", "refuse"]
+__all__ = ["EventLoop", "Channel", "Listener", "ConnectTimeout", "Exhausted", "EXHAUSTED",
+           "exhausted", "listen_socket", "refuse"]
 
 # Bytes asked of the kernel per recv(): 256 KiB holds a few thousand small frames,
 # or a quarter of the largest default frame. Linux's default TCP receive buffer
@@ -91,6 +91,17 @@ _PREAMBLE, _CONNECTING, _HANDSHAKE, _OPEN, _LINGER, _CLOSED = range(6)
 
 class ConnectTimeout(TimeoutError):
     """An outgoing channel did not connect (or finish its TLS handshake) in time."""
+
+
+class Exhausted(OSError):
+    """This process, not its peer, could not do it: out of descriptors or memory
+    (see ``exhausted``)."""
+
+
+def exhausted(exc):
+    """True when ``exc`` says this process is out of resources (EMFILE, ENFILE,
+    ENOBUFS, ENOMEM, or an ``Exhausted``), not that a peer failed."""
+    return isinstance(exc, Exhausted) or (isinstance(exc, OSError) and exc.errno in EXHAUSTED)
 
 
 class _Timer:
@@ -182,13 +193,19 @@ class EventLoop:
         if self._resolver is None:
             # Two threads: resolutions are rare (registration-time host names) and a
             # slow DNS server must not hold more. glibc's resolver is thread-safe.
-            self._resolver = concurrent.futures.ThreadPoolExecutor(
+            self._resolver = ThreadPoolExecutor(
                 max_workers=2, thread_name_prefix="resolver")
 
         def lookup():
             try:
                 result = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except Exception as exc:  # UnicodeError from the IDNA codec, too
+            except socket.gaierror as exc:  # the name's fault: unknown, no address
+                result = exc
+            except OSError as exc:
+                # The system failed the resolver (glibc reports EMFILE as EBUSY):
+                # this process's trouble, not the name's.
+                result = Exhausted(exc.errno, f"cannot resolve {host}: {exc.strerror or exc}")
+            except Exception as exc:  # UnicodeError from the IDNA codec, and the like
                 result = exc
             self.post(callback, result)
 
@@ -491,7 +508,7 @@ class Channel:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = sock.connect_ex(address)
-        except (OSError, OverflowError, ValueError, UnicodeError) as exc:
+        except Exception as exc:  # any fault here fails this connection, and only it
             self.abort(exc)
             return
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
@@ -858,13 +875,25 @@ def listen_socket(host, port, backlog=BACKLOG):
     IPv4 address.
 
     Raises:
-        OSError: the address cannot be bound (port busy, unknown host, no IPv6).
+        OSError: the address cannot be bound (port busy, unknown host, no IPv6); its
+            ``strerror`` is one line naming the address: ``cannot listen on
+            127.0.0.1:2100: Address already in use``.
     """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except UnicodeError as exc:  # a label the IDNA codec refuses (over 63 characters)
-        raise OSError(f"'{host}' is not a valid host name ({exc})") from None
+        raise OSError(f"cannot listen on '{host}': not a valid host name ({exc})") from None
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot listen on {protocol.format_address(host, port)}: "
+                      f"{exc.strerror}") from None
     family, _, _, _, address = infos[0]
     dual = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
-    return socket.create_server(address, family=family, backlog=backlog, dualstack_ipv6=dual)
+    try:
+        return socket.create_server(address, family=family, backlog=backlog,
+                                    dualstack_ipv6=dual)
+    except OSError as exc:
+        # The address the user gave, and the system's words alone (create_server
+        # appends a Python tuple of the address).
+        raise OSError(exc.errno, f"cannot listen on {protocol.format_address(host, port)}: "
+                      f"{os.strerror(exc.errno) if exc.errno else exc}") from None

@@ -116,6 +116,7 @@ class DataChannel(eventloop.Channel):
         self.upstream = upstream
         self.queue = collections.deque()
         self.retiring = False
+        self.was_connected = False
         self.answered = 0
         self.busy_from = 0
 
@@ -138,6 +139,7 @@ class DataChannel(eventloop.Channel):
         self.upstream.in_flight += 1
 
     def connection_made(self):
+        self.was_connected = True
         # The server can start on the first frame now.
         if self.queue:
             self.set_deadline(self.loop.now + self.forwarder.upstream_timeout)
@@ -320,7 +322,10 @@ class Forwarder:
         self.pools.setdefault(upstream, []).append(channel)
         for pending in frames:
             channel.enqueue(pending)
-        channel.connect(upstream.host, upstream.port, self.upstream_timeout)
+        try:
+            channel.connect(upstream.host, upstream.port, self.upstream_timeout)
+        except Exception as exc:  # a fault here fails this connection, never the client's
+            channel.abort(exc)
 
     def _refuse(self, pending, exc):
         tried = pending.tried
@@ -352,7 +357,7 @@ class Forwarder:
         if not frames:
             return
         upstream.in_flight -= len(frames)
-        if isinstance(exc, OSError) and exc.errno in eventloop.EXHAUSTED:
+        if eventloop.exhausted(exc):
             log.warning("cannot open a data connection to server id %s at %s: %s; %d "
                         "frame(s) answered OVERLOADED", show(upstream.id), upstream.address,
                         describe_error(exc), len(frames),
@@ -419,7 +424,11 @@ class Forwarder:
     def _check(self, upstream):
         if self.stopping or upstream.state != DOWN or not self.registry.is_current(upstream):
             return
-        CheckChannel(self, upstream).connect(upstream.host, upstream.port, self.check_timeout)
+        check = CheckChannel(self, upstream)
+        try:
+            check.connect(upstream.host, upstream.port, self.check_timeout)
+        except Exception as exc:
+            check.abort(exc)
 
     def check_done(self, upstream, ok, started):
         """Record one health check of ``upstream``, begun at loop time ``started``, and
@@ -450,9 +459,9 @@ def _failure_text(exc, channel):
         return exc.message
     if isinstance(exc, (TimeoutError, ConnectionError)) and not exc.errno:
         return str(exc)
-    if not channel.connected and isinstance(exc, (OSError, UnicodeError)):
-        return f"cannot connect to {channel.peer}: {describe_error(exc)}"
     if exc is None:
         return "closed the connection without answering"
+    if not channel.was_connected:
+        return f"cannot connect to {channel.peer}: {describe_error(exc)}"
     return f"connection failed: {describe_error(exc)}"
 

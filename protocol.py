@@ -582,22 +582,37 @@ def validate_message(message):
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
+# An IPv6 zone id: an interface name or number ("fe80::1%eth0"), nothing that could
+# end a log line or reach the resolver as something else.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+# The legacy IPv4 forms that inet_aton (and so getaddrinfo) reads but ipaddress does
+# not: octal (010.0.0.1), hexadecimal (0x7f.1) and short (127.1, 2130706433). As
+# names they would connect to another address than the one shown (the ambiguity of
+# CVE-2021-29921); RFC 1123 section 2.1 rules out an all-numeric top label.
+_LEGACY_IPV4 = re.compile(r"(?:(?:0x[0-9a-f]*|[0-9]+)\.){0,3}(?:0x[0-9a-f]*|[0-9]+)\.?\Z",
+                          re.IGNORECASE)
+
+
 def is_host(text):
-    """True when ``text`` (str) is an IP address literal (IPv4, or IPv6 without
-    brackets) or a DNS name: dot-separated labels of 1 to 63 letters, digits and
-    hyphens, not starting or ending with a hyphen (RFC 1123 section 2.1), 253
+    """True when ``text`` (str) is an IP address literal (IPv4 in dotted decimal, or
+    IPv6 without brackets, with a zone id of letters, digits, ``_.-`` if any) or a DNS
+    name: dot-separated labels of 1 to 63 letters, digits and hyphens, not starting or
+    ending with a hyphen, the last one not all digits (RFC 1123 section 2.1), 253
     characters at most, one trailing dot allowed.
 
     Anything else would fail only later, inside the resolver or the IDNA codec, on
-    the path of a client's packet (a label of 64 characters raises ``UnicodeError``).
+    the path of a client's packet (a label of 64 characters raises ``UnicodeError``),
+    or would connect somewhere else than it says (``0x7f.1`` is 127.0.0.1).
     """
     try:
         ipaddress.ip_address(text)
-        return True
     except ValueError:
         pass
+    else:
+        _, percent, zone = text.partition("%")
+        return not percent or bool(_ZONE.match(zone))
     name = text[:-1] if text.endswith(".") else text
-    return (0 < len(name) <= 253 and name.isascii()
+    return (0 < len(name) <= 253 and name.isascii() and not _LEGACY_IPV4.match(name)
             and all(_LABEL.match(label) for label in name.split(".")))
 
 
@@ -750,6 +765,8 @@ def parse_hostport(text, default_host="127.0.0.1", allow_zero=False):
                          f"[{host}]:{port}")
     if not host:
         raise ValueError(f"'{text}' has no host before the ':'")
+    if not is_host(host):
+        raise ValueError(f"'{host}' is not an IP address or a DNS name")
     return host, parse_port(port, allow_zero)
 
 

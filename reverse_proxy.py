@@ -65,10 +65,11 @@ packets = logging.getLogger("rproxy.packets")
 CLIENT, REGISTRATION = "client", "registration"
 
 # Descriptors kept out of -max-conns: the standard streams, the listeners, the
-# selector and its wake-up pair, resolver threads and health checks (and, with
-# -stats, its readers: stats.MAX_CONNECTIONS more). Each connection counted by
-# -max-conns may need a data connection too, so the default is half of what is left.
-RESERVED_DESCRIPTORS = 32
+# selector, the wake-up pairs of the loop and of the signals, resolver threads and
+# health checks (about 10 at rest; and, with -stats, its readers:
+# stats.MAX_CONNECTIONS more). Each connection counted by -max-conns may need a data
+# connection too, so the default is half of what is left.
+RESERVED_DESCRIPTORS = 16
 
 # Back-pressure on one client connection. It stops reading when this many frames
 # wait for their answers to be written, when this many bytes of its frames are at the
@@ -413,7 +414,7 @@ class ReverseProxy:
         try:
             self.gate.check(channel.attempt, message, channel.peer_certificate() is not None)
             upstream, old = self.registry.register(
-                message, message.get("host") or channel.host, channel,
+                message, _connect_host(message.get("host"), channel.host), channel,
                 move_policy=self.gate.open)
         except ServiceError as exc:
             log.warning("unauthorized: %s (from %s)", exc.message, channel.peer,
@@ -562,6 +563,18 @@ class ReverseProxy:
         return lines
 
 
+def _connect_host(given, seen):
+    """Where to connect to a server: the SETUP's ``host``, or the address its SETUP
+    came from when it gave none or gave "every address" (0.0.0.0, ::), which is where
+    it listens, not where it can be reached (PROTOCOL.md section 2)."""
+    if given is None:
+        return seen
+    try:
+        return seen if ipaddress.ip_address(given).is_unspecified else given
+    except ValueError:
+        return given
+
+
 def _unmapped(host):
     # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; show and use a.b.c.d.
     try:
@@ -661,7 +674,7 @@ def main(argv=None):
             proxy_protocol_address=None if args.proxy_protocol_port is None else (
                 args.host, args.proxy_protocol_port))
     except OSError as exc:
-        parser.exit_cannot_listen(args.host, args.port, exc)
+        parser.exit(1, f"{parser.prog}: {exc.strerror or exc}\n")
     signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     cli.on_output_closed(lambda: signals.post(signal.SIGTERM))
     log.info("Running the reverse proxy on port %d", proxy.port,
@@ -669,8 +682,9 @@ def main(argv=None):
     if proxy.front_tier is not None:
         log.info("Front-tier listener (PROXY protocol v1 or v2) on port %d",
                  proxy.front_tier.port, extra=cli.event("front_tier", port=proxy.front_tier.port))
-    log.info("Open descriptors allowed: %d; serving at most %d connections at once "
+    log.info("Open descriptors allowed: %d; serving at most %d connection%s at once "
              "(-max-conns), each with room for a data connection", limit, args.max_conns,
+             "" if args.max_conns == 1 else "s",
              extra=cli.event("limits", descriptors=limit, max_conns=args.max_conns))
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "

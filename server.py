@@ -218,6 +218,9 @@ class Registrar(threading.Thread):
             conn.send(message)
             answer = self._answer(conn)
         if answer["type"] == MessageType.ERROR:
+            if answer["code"] == protocol.OVERLOADED:
+                # "Try again later" (PROTOCOL.md section 2): a full proxy, not a refusal.
+                raise SessionLost(f"the proxy is full: {answer['code']}: {answer['message']}")
             hint = ""
             if answer.get("nonce") is not None and self.key is None:
                 hint = " (the proxy requires a key: give -key-file)"
