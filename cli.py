@@ -77,7 +77,8 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   code, reason}, ``refused`` {proxy, reason}; per packet ``received`` {client,
   payload}, ``answer`` {client, payload}; ``bad_message`` {peer, reason},
   ``idle_timeout`` {peer}.
-* proxy: ``front_tier`` {port}; ``limits`` {descriptors, max_conns};
+* proxy: ``front_tier`` {port}; ``limits`` {descriptors, max_conns}; ``limits_low``
+  {descriptors, max_conns, room};
   ``registration_open``; ``registration_keyed`` {policies}; ``registry`` {policies}
   (SIGUSR1); ``registered`` {id, policy, port,
   address, heartbeat, weight, peer}; ``refused`` {peer, reason}; ``session_replaced``
@@ -87,7 +88,8 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   payload}, ``answer`` {server, payload}, ``reply`` {client, payload};
   ``no_server``, ``upstream_failed`` {client, policy, reason, peer}; ``exhausted``
   {id, address, reason, frames}; ``bad_message``, ``bad_frame``,
-  ``frame_too_large`` {peer, reason}; ``frame_timeout``, ``idle_timeout`` {peer};
+  ``frame_too_large`` {peer, reason}; ``frame_timeout``, ``idle_timeout`` {peer}
+  (and {unanswered} when frames waited for answers);
   ``connection_failed`` {peer, reason}; ``overloaded`` {peer, max_conns};
   ``accept_paused``, ``accept_failed`` {listener, reason}; ``keys_reloaded`` {file,
   added, removed, changed}; ``keys_kept`` {file, reason}; ``internal_error`` {where,

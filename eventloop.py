@@ -81,6 +81,10 @@ TLS_SEND_SIZE = 262144
 # Output up to this size is joined into one buffer for send(); larger output goes out
 # with sendmsg(), which copies nothing in user space.
 JOIN_SIZE = 65536
+# The timer heap is rebuilt without its dead entries once there are more than this
+# many and they are more than half of it: asyncio's limits for cancelled timers
+# (_MIN_SCHEDULED_TIMER_HANDLES 100, _MIN_CANCELLED_TIMER_HANDLES_FRACTION 0.5).
+STALE_TIMERS_MIN = 100
 
 # The errors of a process (not a peer) out of resources, on accept() or socket().
 EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -116,6 +120,9 @@ class _Timer:
         """Do not run the callback."""
         self.cancelled = True
 
+    def _timer_live(self, generation):
+        return not self.cancelled
+
     def _timer_fired(self, generation, now):
         if not self.cancelled:
             self.callback(*self.args)
@@ -138,6 +145,7 @@ class EventLoop:
         self.selector.register(self._waker, selectors.EVENT_READ, self._woken)
         self._posted = collections.deque()
         self._timers = []
+        self._stale_timers = 0  # heap entries that will fire for nothing
         self._sequence = itertools.count()
         self._dirty = []
         self._running = False
@@ -239,6 +247,8 @@ class EventLoop:
             while timers and timers[0][0] <= now:
                 _, _, target, generation = heapq.heappop(timers)
                 self._dispatch(target._timer_fired, generation, now)
+            if self._stale_timers > STALE_TIMERS_MIN and 2 * self._stale_timers > len(timers):
+                self._compact_timers()
             while posted:
                 callback, args = posted.popleft()
                 self._dispatch(callback, *args)
@@ -247,6 +257,15 @@ class EventLoop:
                 for channel in dirty:
                     channel._queued = False
                     self._dispatch(channel._flush)
+
+    def _compact_timers(self):
+        # Closed channels and moved deadlines leave entries behind (a heap cannot drop
+        # one in the middle); with many short connections and a long idle timeout they
+        # would pile up. Drop them all at once, as asyncio does with cancelled timers.
+        timers = self._timers
+        timers[:] = [entry for entry in timers if entry[2]._timer_live(entry[3])]
+        heapq.heapify(timers)
+        self._stale_timers = 0
 
     def _dispatch(self, callback, *args):
         try:
@@ -443,6 +462,8 @@ class Channel:
         """
         self._deadline = when
         if when is not None and (self._armed is None or when < self._armed):
+            if self._armed is not None:
+                self.loop._stale_timers += 1
             self._generation += 1
             self._armed = when
             self.loop._schedule(when, self, self._generation)
@@ -478,6 +499,10 @@ class Channel:
             self._interest = 0
         if self.sock is not None:
             self.sock.close()
+        # Its entry may stay in the timer heap until the deadline: nothing big with it.
+        self.decoder.clear()
+        if self._armed is not None:
+            self.loop._stale_timers += 1
         self.closed(exc)
 
     # --- Outgoing connections ----------------------------------------------------------
@@ -670,6 +695,9 @@ class Channel:
             self._update_interest()
             self.frame_error(error)
         return True
+
+    def _timer_live(self, generation):
+        return generation == self._generation and self._state != _CLOSED
 
     def _timer_fired(self, generation, now):
         if generation != self._generation or self._state == _CLOSED:

@@ -90,7 +90,9 @@ class Totals:
 
     Attributes:
         packets: DATA frames received.
-        answers: ``{code: count}``: ``"ACK"`` and each error code answered to clients.
+        answers: ``{code: count}``: ``"ACK"`` and each error code answered to clients;
+            ``"OTHER"`` counts the codes outside PROTOCOL.md that servers sent (relayed
+            as they came).
         failovers: frames sent again to another server after a failed forward.
         registrations: ``{"registered": count, "refused": count}`` of SETUPs.
     """
@@ -99,10 +101,14 @@ class Totals:
         self.packets = 0
         self.failovers = 0
         self.registrations = {"registered": 0, "refused": 0}
-        self.answers = dict.fromkeys(
-            ("ACK", protocol.BAD_FRAME, protocol.FRAME_TOO_LARGE, protocol.BAD_MESSAGE,
-             protocol.NO_SERVER, protocol.UPSTREAM_FAILED, protocol.TIMEOUT,
-             protocol.OVERLOADED, protocol.UNAUTHORIZED), 0)
+        self.answers = dict.fromkeys(("ACK",) + protocol.ERROR_CODES + ("OTHER",), 0)
+
+    def count(self, code):
+        """Count one answer with ``code`` ("ACK" or an error code) to a client."""
+        try:
+            self.answers[code] += 1
+        except KeyError:
+            self.answers["OTHER"] += 1
 
 
 class DataChannel(eventloop.Channel):
@@ -116,6 +122,7 @@ class DataChannel(eventloop.Channel):
         self.upstream = upstream
         self.queue = collections.deque()
         self.retiring = False
+        self.peer_closing = False
         self.was_connected = False
         self.answered = 0
         self.busy_from = 0
@@ -173,6 +180,11 @@ class DataChannel(eventloop.Channel):
             elif kind is MessageType.ERROR:
                 answer["destid"] = pending.srcid
                 frame = protocol.encode_frame(answer)
+                if answer["code"] in protocol.CLOSING_CODES:
+                    # The server closes after this answer (a frame it found too large,
+                    # say); the frames behind it were never read. Not a fault of the
+                    # server: they go to it again on a fresh connection.
+                    self.peer_closing = True
             else:
                 self.abort(protocol.MessageError(
                     f"malformed answer: a {kind.name} message instead of the ACK for client "
@@ -194,6 +206,9 @@ class DataChannel(eventloop.Channel):
                              extra=cli.event("reply", client=pending.srcid, payload=text))
             pending.client.answered(pending, frame, "ACK" if kind is MessageType.ACK
                                     else answer["code"])
+            if self.peer_closing:
+                self.abort()
+                return
         if queue:
             self.set_deadline(now + forwarder.upstream_timeout)
         else:
@@ -357,6 +372,9 @@ class Forwarder:
         if not frames:
             return
         upstream.in_flight -= len(frames)
+        if channel.peer_closing:
+            self._open(upstream, frames)
+            return
         if eventloop.exhausted(exc):
             log.warning("cannot open a data connection to server id %s at %s: %s; %d "
                         "frame(s) answered OVERLOADED", show(upstream.id), upstream.address,
@@ -444,11 +462,18 @@ class Forwarder:
             self.loop.call_later(max(0.0, started + self.check_interval - self.loop.now),
                                  self._check, upstream)
 
-    def close(self):
-        """Close every data connection (the proxy stops)."""
+    def close(self, why="the proxy stopped before the server answered"):
+        """Close every data connection and answer each frame still in flight with
+        TIMEOUT (``why``: one sentence): the proxy stops, and its drain time is over."""
         self.stopping = True
         for pool in list(self.pools.values()):
             for channel in list(pool):
+                frames = list(channel.queue)
+                channel.queue.clear()
+                channel.upstream.in_flight -= len(frames)
+                for pending in frames:
+                    pending.client.answered(pending, protocol.encode_frame(protocol.error(
+                        protocol.TIMEOUT, why, pending.srcid)), protocol.TIMEOUT)
                 channel.abort()
 
 

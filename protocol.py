@@ -49,7 +49,7 @@ __all__ = [
     "data", "setup", "ack", "error", "registered", "ping", "pong", "error_message",
     "sha1_hex", "ack_for", "policy_text", "setup_proof", "check_setup_proof",
     "parse_hostport", "parse_port", "show", "parse_passable", "frame_of", "is_host",
-    "MAX_WEIGHT", "format_address", "parse_hostports",
+    "MAX_WEIGHT", "format_address", "parse_hostports", "ERROR_CODES", "CLOSING_CODES",
 ]
 
 # 1 MiB, PROTOCOL.md section 1. A demo payload is a few bytes; the largest frame the
@@ -77,6 +77,13 @@ UPSTREAM_FAILED = "UPSTREAM_FAILED"
 TIMEOUT = "TIMEOUT"
 OVERLOADED = "OVERLOADED"
 UNAUTHORIZED = "UNAUTHORIZED"
+ERROR_CODES = (BAD_FRAME, FRAME_TOO_LARGE, BAD_MESSAGE, NO_SERVER, UPSTREAM_FAILED, TIMEOUT,
+               OVERLOADED, UNAUTHORIZED)
+
+# The codes after which the sender closes the connection: a framing error (section 1)
+# and a frame that did not arrive in time. The frames sent behind the one they answer
+# were never read.
+CLOSING_CODES = frozenset((BAD_FRAME, FRAME_TOO_LARGE, TIMEOUT))
 
 
 class MessageType(enum.IntEnum):
@@ -173,6 +180,10 @@ class FrameDecoder:
         self.max_frame = max_frame
         self._buffer = bytearray()
         self._error = None
+
+    def clear(self):
+        """Drop the bytes buffered (the connection is gone)."""
+        self._buffer = bytearray()
 
     def feed(self, chunk):
         """Append received bytes (``bytes`` or ``bytearray``) to the buffer."""
@@ -446,23 +457,37 @@ def parse_message(body):
     return _parse(body)[0]
 
 
-def parse_passable(body):
+def parse_passable(body, max_frame=None):
     """Parse one frame body like ``parse_message``, and return the frame that passes
     the message on unchanged in meaning.
 
     The body itself is passed on when it is already in the form the protocol outputs
     (an integer ``type``): no second encoding, and unknown fields reach the peer byte
     for byte. A body with the assignment's string ``type`` is encoded again, because
-    output always uses integers (PROTOCOL.md section 2).
+    output always uses integers (PROTOCOL.md section 2); numbers may grow then
+    (``1e9`` is written ``1000000000.0``), so the new body is held to ``max_frame``.
+
+    Args:
+        body: the frame body (bytes).
+        max_frame: the largest body that may be passed on, bytes; None: no limit.
 
     Returns:
         (dict, bytes): the message, and the whole frame (length prefix and body).
 
     Raises:
-        MessageError: as ``parse_message``.
+        MessageError: as ``parse_message``; and BAD_MESSAGE when the body encoded
+            again is longer than ``max_frame``.
     """
     message, integer_type = _parse(body)
-    return message, frame_of(body) if integer_type else encode_frame(message)
+    if integer_type:
+        return message, frame_of(body)
+    frame = encode_frame(message)
+    if max_frame is not None and len(frame) - HEADER_SIZE > max_frame:
+        raise MessageError(
+            f"with type {message['type'].value} as an integer, this message takes "
+            f"{len(frame) - HEADER_SIZE} bytes, above the maximum frame size of {max_frame} "
+            "bytes; send type as an integer")
+    return message, frame
 
 
 # The fast path, for the frames that make up nearly all traffic. DATA and ACK frames

@@ -80,6 +80,14 @@ MAX_PENDING = 128
 MAX_IN_FLIGHT_BYTES = 1 << 20
 MAX_OUTPUT_BYTES = 1 << 20
 
+# Stopping (SIGTERM): the answers to the frames received have DRAIN_TIMEOUT seconds to
+# come; then the frames still unanswered are answered TIMEOUT, and the connections
+# have GIVE_UP_WAIT seconds to take those answers. With the log's cli.FINISH_WAIT
+# (1 s) the proxy exits within 5 s, below docker stop's 10 s before SIGKILL and
+# within HAProxy's usual hard-stop-after budgets.
+DRAIN_TIMEOUT = 3.5
+GIVE_UP_WAIT = 0.5
+
 
 class FrontChannel(eventloop.Channel):
     """One accepted connection: a client's or a server's registration (section 3).
@@ -102,7 +110,7 @@ class FrontChannel(eventloop.Channel):
         self.in_flight_bytes = 0
         self.attempt = None
         self.session_of = None
-        self.last_frame = proxy.loop.now
+        self.last_frame = self.last_answer = proxy.loop.now
         self.partial_since = None
         self.finishing = False
         self.last_seq = None
@@ -134,7 +142,7 @@ class FrontChannel(eventloop.Channel):
             seq = self.next_seq
             self.next_seq = seq + 1
             try:
-                message, frame = protocol.parse_passable(body)
+                message, frame = protocol.parse_passable(body, self.proxy.max_frame)
             except protocol.MessageError as exc:
                 log.warning("%s (from %s)", exc, self.peer,
                             extra=cli.event("bad_message", peer=self.peer, reason=exc.message))
@@ -184,7 +192,7 @@ class FrontChannel(eventloop.Channel):
             self.close()
 
     def timed_out(self, now):
-        if self.partial_since is not None:
+        if self.partial_since is not None and self.reading:
             log.warning("closing connection from %s: timed out waiting for the rest of a "
                         "frame", self.peer, extra=cli.event("frame_timeout", peer=self.peer))
             self.finishing = True
@@ -195,6 +203,12 @@ class FrontChannel(eventloop.Channel):
             self.next_seq += 1
         elif self.session_of is not None:
             self.proxy.session_silent(self.session_of)
+            self.abort()
+        elif self.next_seq != self.next_out:
+            waiting = self.next_seq - self.next_out - len(self.held)
+            log.error("closing connection from %s: %d frame(s) unanswered for %g s",
+                      self.peer, waiting, self.proxy.idle_timeout,
+                      extra=cli.event("idle_timeout", peer=self.peer, unanswered=waiting))
             self.abort()
         else:
             log.info("closing connection from %s: timed out waiting for a frame", self.peer,
@@ -214,10 +228,12 @@ class FrontChannel(eventloop.Channel):
         came). ``code`` ("ACK" or an error code) is counted; ``linger``: then close
         with a lingering close."""
         if code is not None:
-            self.proxy.totals.answers[code] += 1
+            self.proxy.totals.count(code)
         if linger:
             self.last_seq = seq
         if seq != self.next_out:
+            if seq < self.next_out:
+                return  # answered already (the proxy gave up on it while stopping)
             self.held[seq] = frame
             return
         held = self.held
@@ -232,11 +248,13 @@ class FrontChannel(eventloop.Channel):
                 break
             frame = held.pop(seq)
         self.next_out = seq
-        if seq == self.next_seq:
-            if self.finishing:
-                self.close()
-                return
-            self._arm()
+        if seq == self.next_seq and self.finishing:
+            # Lingering: a client still sending (to a proxy that stops) must not get a
+            # reset that destroys the answers just written (section 1).
+            self.close(linger=True)
+            return
+        self.last_answer = self.loop.now
+        self._arm()
         if not self.reading and not self.finishing:
             self._maybe_resume()
 
@@ -249,18 +267,25 @@ class FrontChannel(eventloop.Channel):
                 and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2
                 and self.out_size < MAX_OUTPUT_BYTES // 2):
             self.resume_reading()
+            if self.partial_since is not None:
+                # The rest of the frame could not come while the proxy was not reading.
+                self.partial_since = self.loop.now
+                self._arm()
 
     def _arm(self):
-        # One deadline at a time, the one that applies now.
+        # One deadline at a time, the one that applies now. A frame half received
+        # while reading is paused (back-pressure) waits for the proxy, not the client.
         proxy = self.proxy
-        if self.partial_since is not None:
+        if self.partial_since is not None and self.reading:
             self.set_deadline(self.partial_since + proxy.frame_timeout)
         elif self.session_of is not None:
             self.set_deadline(self.last_frame + 3 * self.session_of.heartbeat)
         elif self.next_seq == self.next_out:
             self.set_deadline(self.loop.now + proxy.idle_timeout)
         else:
-            self.set_deadline(None)  # the forwarder bounds every frame in flight
+            # The forwarder bounds every frame in flight; this bounds the connection
+            # should an answer ever be lost all the same.
+            self.set_deadline(max(self.last_frame, self.last_answer) + proxy.idle_timeout)
 
     def drain(self):
         """The proxy stops: answer what has been received, then close."""
@@ -271,10 +296,11 @@ class FrontChannel(eventloop.Channel):
         self.finishing = True
         self.pause_reading()
         if self.next_seq == self.next_out:
-            self.close()
+            self.close(linger=True)
 
     def closed(self, exc):
         self.proxy.front.discard(self)
+        self.held.clear()
         if exc is not None and not self.ready:
             log.warning("connection from %s failed before its first frame: %s", self.peer,
                         netio.describe_error(exc),
@@ -374,17 +400,21 @@ class ReverseProxy:
         self._thread = threading.Thread(target=self.loop.run, name="loop", daemon=True)
         self._thread.start()
 
-    def stop(self, drain_timeout=4.0):
+    def stop(self, drain_timeout=DRAIN_TIMEOUT):
         """Stop accepting, answer the frames already received, close every connection
-        and stop the loop; wait up to ``drain_timeout`` seconds for the answers (the
-        proxy exits within 5 s of SIGTERM). Call from another thread than the loop's;
-        safe to call twice."""
+        and stop the loop. The servers' answers have ``drain_timeout`` seconds to come;
+        a frame still unanswered then is answered TIMEOUT. Call from another thread
+        than the loop's; safe to call twice."""
         if self._thread is None:
             return
         self.loop.post(self._drain)
-        self._drained.wait(drain_timeout)
+        if not self._drained.wait(drain_timeout):
+            self.loop.post(self.forwarder.close, (
+                f"the proxy is stopping, and no answer came within its {drain_timeout:g} s "
+                "drain time; send the frame again (to another proxy)"))
+            self._drained.wait(GIVE_UP_WAIT)
         self.loop.stop()
-        self._thread.join(drain_timeout)
+        self._thread.join(GIVE_UP_WAIT)
         self._thread = None
         self.loop.close()
 
@@ -403,7 +433,7 @@ class ReverseProxy:
             eventloop.refuse(sock, protocol.encode_frame(protocol.error(
                 protocol.OVERLOADED, f"the proxy has {self.max_conns} connections open, its "
                 "maximum; try again later")))
-            self.totals.answers[protocol.OVERLOADED] += 1
+            self.totals.count(protocol.OVERLOADED)
             return
         FrontChannel(self, sock, peer, host, proxied).start()
 
@@ -654,9 +684,17 @@ def main(argv=None):
         # Only with -stats: stats.py brings http.server, a fifth of the start-up time.
         import stats
     limit = cli.descriptor_limit()
+    reserved = RESERVED_DESCRIPTORS + (stats.MAX_CONNECTIONS if args.stats else 0)
+    room = max(1, (limit - reserved) // 2)
     if args.max_conns is None:
-        reserved = RESERVED_DESCRIPTORS + (stats.MAX_CONNECTIONS if args.stats else 0)
-        args.max_conns = max(1, (limit - reserved) // 2)
+        args.max_conns = room
+    elif args.max_conns > room:
+        log.warning("-max-conns %d is more than the %d open descriptors allowed can serve "
+                    "(%d connections, each with a data connection); past that, new "
+                    "connections wait and frames get OVERLOADED (raise the limit with "
+                    "ulimit -n)", args.max_conns, limit, room,
+                    extra=cli.event("limits_low", descriptors=limit, max_conns=args.max_conns,
+                                    room=room))
     policy_keys = None
     if args.policy_keys:
         try:

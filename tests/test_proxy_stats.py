@@ -92,7 +92,7 @@ def test_every_endpoint_counts_known_traffic_exactly(observed, fake_servers):
     assert document["totals"]["packets"] == 15
     assert document["totals"]["answers"] == {
         "ACK": 13, "BAD_FRAME": 0, "FRAME_TOO_LARGE": 0, "BAD_MESSAGE": 1, "NO_SERVER": 2,
-        "UPSTREAM_FAILED": 0, "TIMEOUT": 0, "OVERLOADED": 0, "UNAUTHORIZED": 0}
+        "UPSTREAM_FAILED": 0, "TIMEOUT": 0, "OVERLOADED": 0, "UNAUTHORIZED": 0, "OTHER": 0}
     assert document["totals"]["failovers"] == 0
     assert document["totals"]["registrations"] == {"registered": 3, "refused": 0}
     assert document["draining"] is False and document["uptime_s"] > 0
