@@ -227,8 +227,9 @@ class FakeServer:
     """A scriptable upstream server on 127.0.0.1 in the test process.
 
     ``behaviour(message, count)`` is called for each frame received (``count`` from 1)
-    and returns the message to answer, None to answer nothing, or the string
-    ``"close"`` to close the connection. The default answers like server.py.
+    and returns the message to answer, None to answer nothing, the string ``"close"``
+    to close the connection, or a list of those to do in turn. The default answers
+    like server.py.
     ``received`` lists every message received, ``raw`` the bytes as they came.
     """
 
@@ -276,10 +277,11 @@ class FakeServer:
                         self.count += 1
                         count = self.count
                     answer = self.behaviour(message, count)
-                    if answer == "close":
-                        return
-                    if answer is not None:
-                        conn.sendall(protocol.encode_frame(answer))
+                    for step in answer if isinstance(answer, list) else [answer]:
+                        if step == "close":
+                            return
+                        if step is not None:
+                            conn.sendall(protocol.encode_frame(step))
         except OSError:
             pass
         finally:

@@ -638,6 +638,32 @@ def test_deadline_none_cancels_and_an_earlier_deadline_re_arms(lt):
     assert start + 0.02 <= now < start + WAIT / 2
 
 
+def test_closed_channels_leave_no_buffers_and_their_timer_entries_are_compacted(lt):
+    # 1000 connections, each with a 300 s deadline and half a 1 MiB frame buffered,
+    # closed at once: the heap may not keep 1000 entries (nor 500 MB) for 300 s.
+    count = 1000
+
+    def open_and_close():
+        start = len(lt.loop._timers)
+        channels = []
+        for _ in range(count):
+            near, far = socket.socketpair()
+            far.close()
+            channel = Recorder(lt.loop, near, "peer:1")
+            channel.start()
+            channel.set_deadline(lt.loop.now + 300)
+            channel.decoder.feed(b"\x00\x10\x00\x00" + b"x" * 1000)
+            channels.append(channel)
+        for channel in channels:
+            channel.abort()
+        return start, channels
+
+    start, channels = lt.call(open_and_close)
+    lt.turn()
+    assert all(not channel.decoder.in_frame for channel in channels)
+    assert len(lt.loop._timers) - start <= eventloop.STALE_TIMERS_MIN
+
+
 # --- Outgoing connections -------------------------------------------------------------------
 
 def test_connect_to_a_listener_makes_the_connection_then_frames_go_both_ways(lt):

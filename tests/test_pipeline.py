@@ -217,3 +217,168 @@ def test_a_fresh_connection_that_fails_is_not_retried_but_failed_over(proxies,
     assert wire.receive()["srcid"] == "B"
     assert closing.count == 1  # no second try on A
     wire.close()
+
+
+# --- The kinds of fault a breaker found (each example is a test) ----------------------
+
+def test_a_string_type_frame_that_grows_past_max_frame_when_encoded_is_refused(
+        proxies, fake_servers):
+    # "1e9" is written 1000000000.0 with the integer type: 300 bytes become 1200.
+    proxy = proxies(max_frame=1000)
+    server = fake_servers("A")
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    body = (b'{"type":"0","srcid":"c","privPoliId":"111","payload":"p","n":['
+            + b",".join([b"1e9"] * 80) + b"]}")
+    assert len(body) <= 1000
+    wire.send_body(body)
+    answer = wire.receive()
+    assert (answer["code"], answer["message"]) == (
+        "BAD_MESSAGE", "with type 0 as an integer, this message takes 1101 bytes, above "
+        "the maximum frame size of 1000 bytes; send type as an integer")
+    wire.send(protocol.data("c", "111", "next"))  # the connection stays in step
+    assert wire.receive()["payload"] == sha1("next")
+    assert server.count == 1
+    wire.close()
+
+
+def test_a_server_that_closes_after_a_framing_error_keeps_its_place_and_gets_the_rest(
+        proxies, fake_servers):
+    # A server with a smaller -max-frame than the proxy answers FRAME_TOO_LARGE and
+    # closes: the client gets that answer, the frames behind it go to the same server
+    # on a fresh connection, and the server is not marked down.
+    proxy = proxies()
+
+    def small_frames(message, count):
+        if len(message["payload"]) > 100:
+            return [protocol.error("FRAME_TOO_LARGE", "frame length 212 bytes is above "
+                                   "the maximum of 150 bytes"), "close"]
+        return protocol.ack_for("A", message)
+
+    server = fake_servers("A", small_frames)
+    server.register(proxy.port, "111")
+    frames = [protocol.data("c", "111", "x" * 150)] + [
+        protocol.data("c", "111", f"p{i}") for i in range(5)]
+    answers = pipelined(proxy.port, frames)
+    assert [a.get("code", "ACK") for a in answers] == ["FRAME_TOO_LARGE"] + ["ACK"] * 5
+    assert answers[0]["destid"] == "c"
+    assert [a["payload"] for a in answers[1:]] == [sha1(f"p{i}") for i in range(5)]
+    [policy] = proxy.stats()["policies"]
+    assert [(s["state"], s["failures"]) for s in policy["servers"]] == [("up", 0)]
+    assert proxy.stats()["totals"]["failovers"] == 0
+
+
+def test_an_error_code_outside_the_contract_is_relayed_and_counted_as_other(
+        proxies, fake_servers):
+    proxy = proxies()
+
+    def internal_then_honest(message, count):
+        if count == 1:
+            return protocol.error("INTERNAL", "try later", message["srcid"])
+        return protocol.ack_for("A", message)
+
+    server = fake_servers("A", internal_then_honest)
+    server.register(proxy.port, "111")
+    answers = pipelined(proxy.port, [protocol.data("c", "111", f"p{i}") for i in range(3)])
+    assert [a.get("code", "ACK") for a in answers] == ["INTERNAL", "ACK", "ACK"]
+    assert answers[0]["message"] == "try later"
+    counted = proxy.stats()["totals"]["answers"]
+    assert (counted["OTHER"], counted["ACK"]) == (1, 2)
+
+
+def test_a_connection_whose_answers_stop_coming_is_closed_after_the_idle_timeout(
+        proxies, fake_servers, log_watch):
+    # Should an answer ever be lost, the client is not left waiting for good.
+    proxy = proxies(idle_timeout=0.5, upstream_timeout=60)
+    server = fake_servers("A", lambda message, count: None)
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    wire.send(protocol.data("c", "111", "p"))
+    assert wire.closed()
+    log_watch.wait_for(r"closing connection from 127\.0\.0\.1:\d+: 1 frame\(s\) unanswered "
+                       r"for 0\.5 s")
+
+
+def test_a_frame_half_read_while_the_proxy_stops_reading_is_not_timed_out(
+        proxies, fake_servers):
+    # 130 frames and half of one more in one write: the proxy stops reading after the
+    # 128th (back-pressure) with half a frame in hand, and reads again only when the
+    # slow server answers, after the frame timeout. That wait is the proxy's, so the
+    # rest of the frame then gets a whole frame timeout of its own.
+    proxy = proxies(frame_timeout=0.5)
+    released = threading.Event()
+
+    def slow_first(message, count):
+        if count == 1:
+            released.wait(WAIT)
+        return protocol.ack_for("A", message)
+
+    server = fake_servers("A", slow_first)
+    server.register(proxy.port, "111")
+    frames = [protocol.encode_frame(protocol.data("c", "111", f"p{i}")) for i in range(131)]
+    wire = Wire(proxy.port)
+    wire.send_bytes(b"".join(frames[:130]) + frames[130][:10])
+    deadline = time.monotonic() + WAIT
+    while server.count < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(1.0)  # past the frame timeout: the proxy is not reading meanwhile
+    released.set()
+    answers = [wire.receive()]
+    wire.send_bytes(frames[130][10:])  # read by the proxy once it reads again
+    answers += [wire.receive() for _ in range(130)]
+    assert [a["payload"] for a in answers] == [sha1(f"p{i}") for i in range(131)]
+    wire.close()
+
+
+def test_stopping_answers_the_frames_received_and_lingers_for_a_client_still_sending(
+        proxies, fake_servers):
+    proxy = proxies()
+    released = threading.Event()
+
+    def held(message, count):
+        released.wait(WAIT)
+        return protocol.ack_for("A", message)
+
+    server = fake_servers("A", held)
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    wire.send_bytes(b"".join(protocol.encode_frame(protocol.data("c", "111", f"p{i}"))
+                             for i in range(3)))
+    deadline = time.monotonic() + WAIT
+    while server.count < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stopper = threading.Thread(target=proxy.stop, kwargs={"drain_timeout": WAIT})
+    stopper.start()
+    while not proxy.stopping:  # set by the drain, which then reads nothing more
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    wire.send_bytes(protocol.encode_frame(protocol.data("c", "111", "late")) * 100)
+    released.set()
+    answers = [wire.receive() for _ in range(3)]
+    assert [a["payload"] for a in answers] == [sha1(f"p{i}") for i in range(3)]
+    # A clean end (EOF), not a reset: a reset may destroy answers still in flight.
+    assert wire.sock.recv(1) == b""
+    stopper.join(WAIT)
+
+
+def test_at_the_end_of_the_drain_time_frames_still_unanswered_get_timeout(
+        proxies, fake_servers):
+    proxy = proxies()
+    server = fake_servers("A", lambda message, count: None)
+    server.register(proxy.port, "111")
+    wire = Wire(proxy.port)
+    wire.send(protocol.data("c", "111", "p"))
+    deadline = time.monotonic() + WAIT
+    while server.count < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    proxy.stop(drain_timeout=0.3)
+    assert time.monotonic() - started < 0.3 + 0.5 + 0.5
+    answer = wire.receive()
+    assert (answer["code"], answer["destid"], answer["message"]) == (
+        "TIMEOUT", "c", "the proxy is stopping, and no answer came within its 0.3 s drain "
+        "time; send the frame again (to another proxy)")
+    assert wire.closed()
