@@ -81,7 +81,8 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   {descriptors, max_conns, room};
   ``registration_open``; ``registration_keyed`` {policies}; ``registry`` {policies}
   (SIGUSR1); ``registered`` {id, policy, port,
-  address, heartbeat, weight, peer}; ``refused`` {peer, reason}; ``session_replaced``
+  address, heartbeat, weight, peer}; ``challenge`` {peer, id, policy}; ``refused``
+  {peer, reason}; ``session_replaced``
   {id, peer, old_peer}; ``left``, ``server_up`` {id, policy, address};
   ``server_down``, ``server_dropped`` {id, policy, address, reason}; per packet
   ``received`` {client, policy, payload, peer}, ``forward`` {client, server, policy,

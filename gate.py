@@ -5,7 +5,8 @@ The proxy keeps one ``Attempt`` per registration connection and asks the
 ``RegistrationGate`` about every SETUP that comes on it:
 
 * ``check(attempt, setup, has_certificate)`` returns when the SETUP may register and
-  raises ``ServiceError(UNAUTHORIZED)`` naming the reason otherwise;
+  raises ``ServiceError(UNAUTHORIZED)`` naming the reason otherwise (a ``Challenge``
+  when the SETUP came without a proof: the first step of the exchange, not a fault);
 * ``refusal(attempt, exc)`` turns that refusal into the ERROR to send back, with a
   fresh nonce when keys are in force (that ERROR is the challenge), and says whether
   the connection must now be closed (``MAX_FAILURES`` refusals on one connection).
@@ -20,7 +21,7 @@ import time
 import protocol
 from protocol import ServiceError, policy_text, show
 
-__all__ = ["NONCE_LIFETIME", "MAX_FAILURES", "Attempt", "RegistrationGate",
+__all__ = ["NONCE_LIFETIME", "MAX_FAILURES", "Attempt", "Challenge", "RegistrationGate",
            "load_policy_keys", "key_file_lines"]
 
 # A nonce is good once, for this many seconds (PROTOCOL.md section 9). A server
@@ -43,6 +44,14 @@ class Attempt:
         self.nonce = None
         self.issued = 0.0
         self.failures = 0
+
+
+class Challenge(ServiceError):
+    """UNAUTHORIZED for a SETUP that came without a proof while keys are in force: the
+    challenge of PROTOCOL.md section 9, which a server that has the key answers."""
+
+    def __init__(self, message):
+        super().__init__(message, protocol.UNAUTHORIZED)
 
 
 class RegistrationGate:
@@ -74,6 +83,7 @@ class RegistrationGate:
         Takes the attempt's nonce: a nonce is good for one SETUP.
 
         Raises:
+            Challenge: keys are in force and the SETUP has no proof.
             ServiceError: UNAUTHORIZED, with a message naming the reason.
         """
         policy = message["privPolyId"]
@@ -87,9 +97,9 @@ class RegistrationGate:
             raise ServiceError(f"no server may register for privacy policy {show(policy)}: "
                                "it has no key", protocol.UNAUTHORIZED)
         if "proof" not in message:
-            raise ServiceError(f"registration for privacy policy {show(policy)} needs a "
-                               "proof: answer with the nonce of this ERROR and the proof "
-                               "(HMAC-SHA256)", protocol.UNAUTHORIZED)
+            raise Challenge(f"registration for privacy policy {show(policy)} needs a "
+                            "proof: answer with the nonce of this ERROR and the proof "
+                            "(HMAC-SHA256)")
         if not self._take_nonce(attempt, message.get("nonce")):
             raise ServiceError("the SETUP's nonce was not issued on this connection, was "
                                f"used already or is older than {NONCE_LIFETIME:g} s",

@@ -447,10 +447,18 @@ class ReverseProxy:
                 message, _connect_host(message.get("host"), channel.host), channel,
                 move_policy=self.gate.open)
         except ServiceError as exc:
-            log.warning("unauthorized: %s (from %s)", exc.message, channel.peer,
-                        extra=cli.event("refused", peer=channel.peer, reason=exc.message))
-            self.totals.registrations["refused"] += 1
             answer, close = self.gate.refusal(channel.attempt, exc)
+            if isinstance(exc, gate.Challenge) and not close:
+                # The first step of a keyed registration (PROTOCOL.md section 9), which
+                # every server with a key goes through: not a refusal.
+                log.info("registration challenge sent to %s (server id %s, privacy policy "
+                         "%s)", channel.peer, show(message["id"]), show(message["privPolyId"]),
+                         extra=cli.event("challenge", peer=channel.peer, id=message["id"],
+                                         policy=message["privPolyId"]))
+            else:
+                log.warning("unauthorized: %s (from %s)", exc.message, channel.peer,
+                            extra=cli.event("refused", peer=channel.peer, reason=exc.message))
+                self.totals.registrations["refused"] += 1
             channel.answer(seq, protocol.encode_frame(answer), exc.code, linger=close)
             return
         self.totals.registrations["registered"] += 1

@@ -862,6 +862,11 @@ def test_right_key_registers_and_is_served(proxies, nodes, keyed, tmp_path):
     proxy = proxies(policy_keys=gate.load_policy_keys(keyed["policy"]))
     nodes.server("sA", "pA", proxy.port, "-key-file", keyed["a"])
     proxy.log.wait_for(r"setup message from server id sA privacy policy pA")
+    # The challenge is the first step of every keyed registration, not a refusal.
+    assert proxy.log.count(r"^registration challenge sent to 127\.0\.0\.1:\d+ \(server id "
+                           r"sA, privacy policy pA\)$") == 1
+    assert proxy.log.count("unauthorized") == 0
+    assert proxy.stats()["totals"]["registrations"] == {"registered": 1, "refused": 0}
     assert served_by(proxy.port, "pA") == ["sA"] * 4
     pkt = write_packets(tmp_path, "a.json", [data("1", "pA", "xyz1")])
     done = run("client.py", "-id", "1", "-revproc", proxy.port, "-pkt", pkt)
@@ -881,8 +886,8 @@ def test_no_key_is_unauthorized_logged_and_not_in_rotation(proxies, nodes, keyed
     wire = wires(proxy.port)
     nonce = challenge(wire, protocol.setup("legacy", "pA", closed_port))
     peer = f"127.0.0.1:{wire.sock.getsockname()[1]}"
-    proxy.log.wait_for(r"unauthorized: registration for privacy policy pA needs a proof.*"
-                   rf"\(from {re.escape(peer)}\)")
+    proxy.log.wait_for(rf"registration challenge sent to {re.escape(peer)} \(server id "
+                       r"legacy, privacy policy pA\)")
     wire.send(protocol.setup("legacy", "pA", closed_port))  # again without proof
     second = wire.receive()
     assert second["code"] == "UNAUTHORIZED" and NONCE.match(second["nonce"])
