@@ -372,6 +372,8 @@ class ReverseProxy:
         self.stopping = False
         self.started = self.loop.now
         self._drained = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._reloading = False
         self.listeners = []
         try:
             self.listener = eventloop.Listener(
@@ -547,8 +549,28 @@ class ReverseProxy:
         """Read the policy key file ``path`` again and put its keys in force for the
         registrations to come (SIGHUP, as ``nginx -s reload``); servers registered
         already stay, and no connection is closed. A file that cannot be read or
-        parsed keeps the old keys, and the log says why. Call from any thread: the
-        keys are swapped in the loop thread, which reads them."""
+        parsed keeps the old keys, and the log says why. Call from any thread; returns
+        at once: the file is read by a thread of its own (a FIFO or a hung network
+        file may block its read for good), and the keys are swapped in the loop
+        thread, which reads them."""
+        with self._reload_lock:
+            if self._reloading:
+                log.warning("SIGHUP ignored: the reading of %s for the last one has not "
+                            "finished (the file does not answer)", path,
+                            extra=cli.event("keys_kept", file=path, reason="reload under way"))
+                return
+            self._reloading = True
+        threading.Thread(target=self._reload_keys, args=(path,), name="reload",
+                         daemon=True).start()
+
+    def _reload_keys(self, path):
+        try:
+            self._read_keys(path)
+        finally:
+            with self._reload_lock:
+                self._reloading = False
+
+    def _read_keys(self, path):
         try:
             keys = gate.load_policy_keys(path)
         except ValueError as exc:

@@ -1243,3 +1243,25 @@ def test_sighup_reloads_the_policy_keys_keeping_registrations_and_connections(
     for open_wire in (wire, client, session):
         open_wire.close()
     assert_clean_log(proxy)
+
+
+def test_sighup_with_a_key_file_that_blocks_leaves_sigterm_working(nodes, tmp_path):
+    # A FIFO (or a hung network file) in place of the key file: its open blocks for
+    # good. The reload must not take the signals with it.
+    keys = tmp_path / "policy.keys"
+    keys.write_text("pA alpha-1\n", encoding="utf-8")
+    proxy = nodes.proxy("-policy-keys", keys)
+    keys.unlink()
+    os.mkfifo(keys)
+    ignored = r"^SIGHUP ignored: the reading of .*policy\.keys for the last one has not " \
+              r"finished \(the file does not answer\)$"
+    deadline = time.monotonic() + WAIT
+    while not proxy.count(ignored):  # signals sent together may arrive as one
+        assert time.monotonic() < deadline, proxy.output
+        proxy.signal(signal.SIGHUP)
+        time.sleep(0.1)
+    started = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+    assert time.monotonic() - started < 5
+    assert_clean_log(proxy)
