@@ -209,7 +209,9 @@ class Registry:
         """Register the server of a validated SETUP ``message`` (sections 2, 6, 8).
 
         A server already registered under the same id is replaced in its place in the
-        rotation order (its old place even if it had left); a new one is appended.
+        rotation order (its old place even if it had left), and keeps its counters
+        (``served``, ``failures``, ``latency``) when its policy is the same; a new one
+        is appended.
 
         Args:
             host: the address to connect to (the SETUP's ``host`` or the peer's).
@@ -242,6 +244,13 @@ class Registry:
                     self._balance(upstream.policy_key))
             if old is not None and old.policy_key == upstream.policy_key:
                 rotation.order[rotation.order.index(old)] = upstream
+                # The same server under the same labels: its counters go on (a
+                # Prometheus counter never goes backwards), as HAProxy's do across a
+                # server's state changes.
+                upstream.served = old.served
+                upstream.failures = old.failures
+                if old.latency is not None:
+                    upstream.latency = old.latency
             else:
                 rotation.order.append(upstream)
             rotation.changed()

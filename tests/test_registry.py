@@ -169,6 +169,18 @@ def test_server_that_left_and_registers_again_takes_its_old_place(registry):
     assert [server["id"] for server in policy["servers"]] == ["a", "b", "c"]  # never twice
 
 
+def test_a_server_registering_again_keeps_its_counters_in_the_same_policy_only():
+    made = []
+    registry = Registry(latency_factory=lambda: made.append(object()) or made[-1])
+    old = join(registry, "a", heartbeat=1)
+    old.served, old.failures = 13, 2
+    again = join(registry, "a", heartbeat=1, port=9100)
+    assert (again.served, again.failures, again.latency) == (13, 2, old.latency)
+    moved = join(registry, "a", "q")  # another policy: other labels, new counters
+    assert (moved.served, moved.failures) == (0, 0)
+    assert moved.latency is not old.latency
+
+
 def test_integer_and_string_server_ids_are_the_same_server(registry):
     first = join(registry, 7)
     second, replaced = registry.register(setup("7", "p", 9001), "127.0.0.1")
