@@ -49,7 +49,7 @@ __all__ = [
     "data", "setup", "ack", "error", "registered", "ping", "pong", "error_message",
     "sha1_hex", "ack_for", "policy_text", "setup_proof", "check_setup_proof",
     "parse_hostport", "parse_port", "show", "parse_passable", "frame_of", "is_host",
-    "MAX_WEIGHT", "format_address", "parse_hostports", "ERROR_CODES", "CLOSING_CODES",
+    "MAX_WEIGHT", "MAX_ID_LENGTH", "format_address", "parse_hostports", "ERROR_CODES", "CLOSING_CODES",
 ]
 
 # 1 MiB, PROTOCOL.md section 1. A demo payload is a few bytes; the largest frame the
@@ -64,6 +64,12 @@ MAX_WEIGHT = 256
 # 3 x heartbeat a timeout that sockets can take, and a silent server is still found
 # within a few hours. Envoy's health-check intervals are seconds, too.
 MAX_HEARTBEAT = 3600
+
+# The longest server id and policy id a SETUP may give, in characters of their text.
+# PROTOCOL.md sets no bound; they stay in the registry and label every line of the
+# stats page and /metrics. DNS names stop at 253, Prometheus advises short label
+# values; 256 leaves room for any name a person would choose.
+MAX_ID_LENGTH = 256
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
@@ -371,8 +377,12 @@ def _validate_data(message):
 
 
 def _validate_setup(message):
-    _check_id(message, "id")
-    _check_id(message, "privPolyId")
+    for field in ("id", "privPolyId"):
+        _check_id(message, field)
+        if len(policy_text(message[field])) > MAX_ID_LENGTH:
+            raise MessageError(f"field '{field}' is {len(policy_text(message[field]))} "
+                               f"characters long; a SETUP's ids may have at most "
+                               f"{MAX_ID_LENGTH}")
     port = _require(message, "listenport")
     if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
         port = int(port)

@@ -404,6 +404,19 @@ def test_setup_heartbeat_must_be_seconds_above_zero_and_at_most_an_hour(beat, sh
                              f"got {shown}")
 
 
+@pytest.mark.parametrize("field", ["id", "privPolyId"])
+def test_setup_ids_of_at_most_256_characters_are_accepted_longer_ones_refused(field):
+    for value in ("x" * 256, 10 ** 255):
+        message = valid(1)
+        message[field] = value
+        assert validate_message(message)[field] == value
+    for value, length in (("é" * 257, 257), (10 ** 300, 301)):
+        message = valid(1)
+        message[field] = value
+        assert message_error(message).message == (
+            f"field '{field}' is {length} characters long; a SETUP's ids may have at most 256")
+
+
 @pytest.mark.parametrize("beat", [1, 0.25, 30])
 def test_setup_heartbeat_positive_number_is_accepted_as_is(beat):
     message = valid(1)
