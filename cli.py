@@ -506,7 +506,8 @@ def run(main):
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # Show "(default: ...)" only where there is a default worth reading.
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default:" in action.help:
+        if (action.default is None or action.default is False or action.default == []
+                or "(default:" in action.help):
             return action.help
         return super()._get_help_string(action)
 
@@ -675,6 +676,24 @@ def arg_seconds(text):
     if not value > 0 or value == float("inf"):
         raise ValueError(f"'{text}' is not a number of seconds above 0")
     return value
+
+
+# The smallest -max-frame: 512 bytes. Every answer must fit, and an ACK takes about
+# 110 bytes plus its two ids (a frame limit below the size of the frames a program
+# must receive only turns every exchange into an error). nginx's smallest
+# client_header_buffer_size is 1k.
+MIN_FRAME_SIZE = 512
+
+
+@arg_type
+def arg_frame_size(text):
+    """A -max-frame value: bytes, at least ``MIN_FRAME_SIZE``."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"'{text}' is not a number of bytes")
+    if int(text) < MIN_FRAME_SIZE:
+        raise ValueError(f"{text} bytes is too small: every answer must fit (an ACK takes "
+                         f"about 110 bytes plus its ids); use at least {MIN_FRAME_SIZE}")
+    return int(text)
 
 
 @arg_type

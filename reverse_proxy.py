@@ -675,8 +675,9 @@ def build_parser():
                              "HAProxy: every connection there begins with a PROXY "
                              "protocol header (v1 or v2) giving the client's address; "
                              "0 picks a free port")
-    parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
-                        metavar="BYTES", help="largest frame body accepted")
+    parser.add_argument("-max-frame", type=cli.arg_frame_size,
+                        default=protocol.DEFAULT_MAX_FRAME, metavar="BYTES",
+                        help=f"largest frame body accepted (at least {cli.MIN_FRAME_SIZE})")
     parser.add_output_options("do not print the four lines per packet")
     parser.add_argument("-balance", type=cli.arg_type(parse_balance), action="append",
                         default=[], metavar="[POLICY=]ALG",

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import protocol
-from conftest import WAIT, Wire, sha1
+from conftest import WAIT, Wire, run, sha1
 
 
 def has_ipv6():
@@ -155,6 +155,11 @@ def test_out_of_descriptors_backs_off_answers_overloaded_and_keeps_the_server(
     proxy = nodes.start("reverse_proxy.py", "-port", 0, "-max-conns", 1000,
                         name="proxy", preexec=low_limit(64))
     port = int(proxy.wait_for(r"on port (\d+)").group(1))
+    # A -max-conns the descriptors cannot serve is accepted, with a warning.
+    proxy.wait_for(r"^-max-conns 1000 is more than the 64 open descriptors allowed can "
+                   r"serve \(24 connections, each with a data connection\); past that, new "
+                   r"connections wait and frames get OVERLOADED \(raise the limit with "
+                   r"ulimit -n\)$")
     fake = fake_servers("S")
     fake.register(port, "111").close()
     client = Wire(port)  # accepted while descriptors are free
@@ -251,3 +256,14 @@ def test_a_storm_of_sigusr1_neither_kills_nor_stalls_the_proxy(nodes, fake_serve
     assert proxy.proc.poll() is None
     assert proxy.stop() == 0
     assert "Traceback" not in proxy.output and "RecursionError" not in proxy.output
+
+
+# --- Settings that cannot work ------------------------------------------------------------
+
+@pytest.mark.parametrize("program", ["reverse_proxy.py"])
+def test_a_max_frame_below_the_size_of_an_answer_is_a_usage_error(program):
+    done = run(program, "-max-frame", "100")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"{program}: error: argument -max-frame: 100 bytes is too small: every answer must "
+        "fit (an ACK takes about 110 bytes plus its ids); use at least 512")
