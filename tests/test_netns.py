@@ -78,11 +78,13 @@ class Network:
 
 @pytest.fixture
 def network():
-    # Namespaces left by a test run that was killed are removed first.
+    # Namespaces left by a test run that was killed are removed first; those of a run
+    # still going (its process id is in their names) are not.
     listed = subprocess.run([IP, "netns", "list"], capture_output=True, text=True,
                             timeout=WAIT).stdout
-    for stale in re.findall(rf"^({PREFIX}\S+)", listed, re.M):
-        subprocess.run([IP, "netns", "del", stale], capture_output=True, timeout=WAIT)
+    for stale, pid in re.findall(rf"^({PREFIX}(\d+)\S*)", listed, re.M):
+        if not os.path.exists(f"/proc/{pid}"):
+            subprocess.run([IP, "netns", "del", stale], capture_output=True, timeout=WAIT)
     net = Network()
     try:
         yield net
