@@ -432,7 +432,9 @@ def test_server_stopped_while_registering_closes_its_session_at_once(nodes):
 
 
 def test_all_servers_of_a_policy_killed_error_within_bound_other_policy_served(nodes):
-    proxy = nodes.proxy("-quiet", "-upstream-timeout", T)
+    # Killed servers refuse at once: the bound below holds with the default timeout,
+    # which spares a loaded machine's first answers a 0.5 s deadline.
+    proxy = nodes.proxy("-quiet")
     servers = start_servers(nodes, proxy, "111", ["1", "2"])
     servers.update(start_servers(nodes, proxy, "222", ["3"]))
     other = Wire(proxy.port)  # a client of the other policy, connected before the fault
@@ -447,7 +449,7 @@ def test_all_servers_of_a_policy_killed_error_within_bound_other_policy_served(n
     assert answer["code"] in (protocol.UPSTREAM_FAILED, protocol.NO_SERVER), answer
     assert protocol.policy_text(answer["destid"]) == "k"
     assert "111" in answer["message"]
-    assert latency <= T * 2 + 1
+    assert latency <= 2 * 2 + 1
 
     other.send(protocol.data("o", "222", "after"))
     answer = other.receive()
@@ -456,7 +458,7 @@ def test_all_servers_of_a_policy_killed_error_within_bound_other_policy_served(n
     proxy.wait_for(r"server id 1 of privacy policy 111 (left|is down)")
     proxy.wait_for(r"server id 2 of privacy policy 111 (left|is down)")
     (answer, latency), = sequential(proxy.port, "111", 1, "k")
-    assert answer["type"] == MessageType.ERROR and latency <= T * 2 + 1, answer
+    assert answer["type"] == MessageType.ERROR and latency <= 2 * 2 + 1, answer
     assert srcids(sequential(proxy.port, "222", 3)) == ["3", "3", "3"]
     assert proxy.proc.poll() is None
 
