@@ -126,8 +126,8 @@ class FrontChannel(eventloop.Channel):
         # The client's address, as the front tier saw it (PROXY protocol); LOCAL (the
         # front tier's own health check) and UNKNOWN keep the real one.
         if header.source is not None:
-            self.host = header.source[0]
-            self.peer = protocol.format_address(*header.source)
+            self.host = _unmapped(header.source[0])
+            self.peer = protocol.format_address(self.host, header.source[1])
 
     def connection_made(self):
         self.ready = True

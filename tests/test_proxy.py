@@ -762,3 +762,35 @@ def test_server_data_port_closes_after_bad_frame(proxies, nodes, wires):
     wire.send_bytes(b"\x00\x00\x00\x00")
     assert_error(recv(wire), "BAD_FRAME")
     assert wire.closed()
+
+
+# --- The front-tier listener (PROXY protocol, README "Scaling out") -------------------------
+
+def test_the_front_tier_listener_takes_the_client_address_from_the_header(
+        proxies, fake_servers):
+    import proxy_protocol
+    proxy = proxies(proxy_protocol_address=("127.0.0.1", 0))
+    port = proxy.front_tier.port
+    server = fake_servers("A")
+    server.register(proxy.port, "111")
+    # An IPv4 client seen by a dual-stack front tier: the mapped form is unmapped.
+    wire = Wire(port)
+    wire.send_bytes(proxy_protocol.build_v1(("::ffff:127.0.0.9", 5555), ("::1", 2100)))
+    wire.send(protocol.data("c", "111", "p"))
+    assert wire.receive()["payload"] == protocol.sha1_hex("p")
+    wire.send_body(b"{}")  # a bad message: its warning names the client
+    assert wire.receive()["code"] == "BAD_MESSAGE"
+    proxy.log.wait_for(r"\(from 127\.0\.0\.9:5555\)$")
+    wire.close()
+    # A front tier's health check: a LOCAL header, then PING.
+    check = Wire(port)
+    check.send_bytes(proxy_protocol.build_v2(command="LOCAL"))
+    check.send(protocol.ping())
+    assert check.receive() == {"type": 6}
+    check.close()
+    # No header: closed without an answer, and said so.
+    bare = Wire(port)
+    bare.send(protocol.data("c", "111", "p"))
+    assert bare.closed()
+    proxy.log.wait_for(r"not a PROXY protocol header")
+    bare.close()
