@@ -329,6 +329,18 @@ def test_every_program_prints_every_line_on_any_stdout_encoding(
     assert "Traceback" not in proxy.output + server.output
 
 
+def test_ids_typed_under_a_c_locale_reach_the_proxy_as_the_utf_8_typed(
+        proxies, nodes, monkeypatch):
+    # Python decodes such arguments to lone surrogates (PEP 383), which no frame can
+    # carry; they are decoded again as the UTF-8 they were typed in.
+    for name, value in ENCODINGS["C locale"].items():
+        monkeypatch.setenv(name, value)
+    proxy = proxies()
+    nodes.server("sérveur", "pólicy", proxy.port)
+    [policy] = proxy.stats()["policies"]
+    assert (policy["policy"], [s["id"] for s in policy["servers"]]) == ("pólicy", ["sérveur"])
+
+
 # --- 2. A closed stdout ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("program", ["client", "client --help", "server", "proxy"])

@@ -4,6 +4,7 @@ and failover of the frames in flight, with many frames on one connection."""
 
 import random
 import socket
+import struct
 import threading
 import time
 
@@ -382,3 +383,31 @@ def test_at_the_end_of_the_drain_time_frames_still_unanswered_get_timeout(
         "TIMEOUT", "c", "the proxy is stopping, and no answer came within its 0.3 s drain "
         "time; send the frame again (to another proxy)")
     assert wire.closed()
+
+
+def test_a_server_that_resets_after_connecting_is_said_to_fail_not_to_refuse(proxies):
+    # The diagnosis must tell "accepted, then reset" from "cannot connect".
+    proxy = proxies()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept_then_reset():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # with a zero linger time: a reset
+
+    resetter = threading.Thread(target=accept_then_reset, daemon=True)
+    resetter.start()
+    registration = Wire(proxy.port)
+    registration.send(protocol.setup("R", "111", listener.getsockname()[1]))
+    assert registration.receive()["type"] == protocol.MessageType.REGISTERED
+    wire = Wire(proxy.port)
+    wire.send(protocol.data("c", "111", "p"))
+    answer = wire.receive()
+    assert (answer["code"], answer["message"]) == (
+        "UPSTREAM_FAILED", "the only live server of privacy policy 111 failed (server id R: "
+        "connection failed: Connection reset by peer)")
+    resetter.join(WAIT)
+    wire.close()
+    registration.close()
+    listener.close()

@@ -54,10 +54,13 @@ def setup_answer(port, host):
 
 @pytest.mark.parametrize("host", [
     "a" * 100, "a..b", ".a", "a.", "-a.example", "a-.example", "a b", "[::1]", "a_b",
-    "\ud800", "é.example", ("a" * 63 + ".") * 4 + "a"],
+    "\ud800", "é.example", ("a" * 63 + ".") * 4 + "a", "fe80::1%eth0\x00x", "fe80::1%a b",
+    "127.1", "0x7f.1", "2130706433", "0177.0.0.1", "1.2.3.0x4"],
     ids=["label of 100", "empty label", "leading dot", "only a trailing dot is fine?",
          "leading hyphen", "trailing hyphen", "space", "brackets", "underscore",
-         "lone surrogate", "not ASCII", "over 253"])
+         "lone surrogate", "not ASCII", "over 253", "NUL in a zone id",
+         "space in a zone id", "short IPv4", "hex IPv4", "one-number IPv4",
+         "octal IPv4", "hex octet"])
 def test_setup_host_that_is_no_address_or_dns_name_is_refused_at_setup(proxies, host):
     proxy = proxies()
     if host == "a.":
@@ -76,9 +79,28 @@ def test_setup_host_that_is_no_address_or_dns_name_is_refused_at_setup(proxies, 
 
 
 @pytest.mark.parametrize("host", ["::1", "127.0.0.1", "localhost", "example.com",
-                                  "xn--bcher-kva.example", "a" * 63 + ".b"])
+                                  "xn--bcher-kva.example", "a" * 63 + ".b", "fe80::1%eth0",
+                                  "1.2.3.4.example"])
 def test_setup_host_that_is_an_address_or_a_dns_name_registers(proxies, host):
     assert setup_answer(proxies().port, host)["type"] == protocol.MessageType.REGISTERED
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_setup_host_of_every_address_means_the_address_the_setup_came_from(
+        proxies, fake_servers, host):
+    # A server that says where it listens (everywhere), not where it can be reached.
+    proxy = proxies()
+    server = fake_servers("A")
+    registration = Wire(proxy.port)
+    registration.send(protocol.setup("A", "111", server.port, host=host))
+    assert registration.receive()["type"] == protocol.MessageType.REGISTERED
+    [policy] = proxy.stats()["policies"]
+    assert [s["address"] for s in policy["servers"]] == [f"127.0.0.1:{server.port}"]
+    wire = Wire(proxy.port)
+    wire.send(protocol.data("c", "111", "p"))
+    assert wire.receive()["payload"] == sha1("p")
+    wire.close()
+    registration.close()
 
 
 def test_any_fault_while_connecting_to_a_server_is_upstream_failed(proxies, monkeypatch):
