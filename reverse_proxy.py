@@ -523,14 +523,10 @@ class ReverseProxy:
         self._drained.set()
 
     def _stats_now(self):
+        # The loop thread's part of a snapshot, and all of it is copying: counters,
+        # and each server's latency counts (metrics.LatencyWindow.read, about 1 us);
+        # stats() works out the percentiles in its caller's thread.
         now = time.monotonic()
-
-        def latency(upstream):
-            p50, p99 = upstream.latency.percentiles(now)
-            return {"latency_ms": {"p50": None if p50 is None else p50 * 1e3,
-                                   "p99": None if p99 is None else p99 * 1e3},
-                    "latency_histogram": upstream.latency.histogram()}
-
         kinds = {"client": 0, "server": 0, "registration": 0}
         for channel in self.front:
             kinds["registration" if channel.role == REGISTRATION else "client"] += 1
@@ -541,7 +537,8 @@ class ReverseProxy:
                 "totals": {"packets": totals.packets, "answers": dict(totals.answers),
                            "failovers": totals.failovers,
                            "registrations": dict(totals.registrations)},
-                "policies": self.registry.snapshot(latency)}
+                "policies": self.registry.snapshot(
+                    lambda upstream: {"latency": upstream.latency.read(now)})}
 
     # --- Any thread -----------------------------------------------------------------------
 
@@ -589,24 +586,45 @@ class ReverseProxy:
 
     def stats(self, timeout=2.0):
         """The stats document (README.md, "Observability"; the body of
-        ``/stats.json``), taken in the loop thread, which owns what it counts.
+        ``/stats.json``). Its numbers are copied in the loop thread, which owns what
+        it counts, between two turns (a few us a server); the latency percentiles
+        (rounded to 0.001 ms) and histograms are worked out here, in the caller's
+        thread. A caller that gives up leaves the loop nothing to do: the copy it
+        asked for is skipped. Any thread may call it; ``stats.StatsServer`` calls it
+        once at a time.
 
         Raises:
             TimeoutError: the loop did not answer within ``timeout`` seconds.
         """
         if self._thread is None or threading.current_thread() is self.loop.thread:
-            return self._stats_now()
-        taken = []
-        done = threading.Event()
+            document = self._stats_now()
+        else:
+            taken = []
+            done = threading.Event()
+            abandoned = threading.Event()
 
-        def take():
-            taken.append(self._stats_now())
-            done.set()
+            def take():
+                if not abandoned.is_set():
+                    taken.append(self._stats_now())
+                done.set()
 
-        self.loop.post(take)
-        if not done.wait(timeout):
-            raise TimeoutError(f"the proxy's loop did not answer within {timeout:g} s")
-        return taken[0]
+            self.loop.post(take)
+            if not done.wait(timeout):
+                abandoned.set()
+                raise TimeoutError(f"the proxy's loop did not answer within {timeout:g} s")
+            document = taken[0]
+
+        def milliseconds(seconds):
+            # 0.001 ms: finer than the buckets tell apart (26 %), and no float noise.
+            return None if seconds is None else round(seconds * 1e3, 3)
+
+        for policy in document["policies"]:
+            for server in policy["servers"]:
+                latency = server.pop("latency")
+                p50, p99 = latency.percentiles()
+                server["latency_ms"] = {"p50": milliseconds(p50), "p99": milliseconds(p99)}
+                server["latency_histogram"] = latency.histogram()
+        return document
 
     def status_lines(self):
         """The registry as text lines: each policy, its servers in rotation order."""
@@ -744,6 +762,17 @@ def main(argv=None):
                 args.host, args.proxy_protocol_port))
     except OSError as exc:
         parser.exit(1, f"{parser.prog}: {exc.strerror or exc}\n")
+    board = None
+    if args.stats:
+        # Bound before the ready line: a busy stats port ends the start, not a
+        # proxy that has said it runs.
+        try:
+            board = stats.StatsServer(args.stats, proxy.stats, lambda: proxy.stopping,
+                                      logger=log)
+        except OSError as exc:
+            parser.exit(1, f"{parser.prog}: cannot serve stats on "
+                           f"{protocol.format_address(*args.stats)}: "
+                           f"{netio.describe_error(exc)}\n")
     signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     cli.on_output_closed(lambda: signals.post(signal.SIGTERM))
     log.info("Running the reverse proxy on port %d", proxy.port,
@@ -764,15 +793,7 @@ def main(argv=None):
                  ", ".join(sorted(policy_keys)),
                  extra=cli.event("registration_keyed", policies=sorted(policy_keys)))
     proxy.start()
-    board = None
-    if args.stats:
-        try:
-            board = stats.StatsServer(args.stats, proxy.stats, log=log.info)
-        except OSError as exc:
-            proxy.stop()
-            parser.exit(1, f"{parser.prog}: cannot serve stats on "
-                           f"{protocol.format_address(*args.stats)}: "
-                           f"{netio.describe_error(exc)}\n")
+    if board is not None:
         board.start()
     while True:
         received = signals.wait()

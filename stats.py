@@ -1,8 +1,8 @@
 """The proxy's stats over HTTP: a page for people, JSON and Prometheus for programs.
 
 ``StatsServer`` is CPython's ``http.server.ThreadingHTTPServer`` answering four
-read-only routes from a ``snapshot()`` callable that the proxy provides (the dict
-``/stats.json`` serves; schema in README.md, "Observability"):
+read-only routes, three from a ``snapshot()`` callable that the proxy provides (the
+dict ``/stats.json`` serves; schema in README.md, "Observability"):
 
 ===============  ===================================================================
 ``/``            HTML page for people, complete as served (``render_page``) and
@@ -10,7 +10,8 @@ read-only routes from a ``snapshot()`` callable that the proxy provides (the dic
                  every second
 ``/stats.json``  the snapshot as JSON
 ``/metrics``     Prometheus text format 0.0.4 (``metrics.render_prometheus``)
-``/healthz``     ``200 ok`` while the proxy runs, ``503 draining`` once it drains
+``/healthz``     ``200 ok`` while the proxy runs, ``503 draining`` once it drains,
+                 from the ``draining()`` callable alone: no snapshot
 ===============  ===================================================================
 
 Any other path is 404; any method but GET and HEAD is 405. The page loads nothing
@@ -18,12 +19,40 @@ from elsewhere: its CSS and script are inline and allowed by hash in its
 Content-Security-Policy, so a value that escaped the HTML escaping still could not
 run a script.
 
+Strategy: a reader must never cost the proxy's routing more than a bounded, small
+amount, whatever it sends and however many readers there are.
+
+* **Snapshots are shared, one at a time.** A snapshot costs the proxy's loop thread
+  a few microseconds a server, so readers do not each take one: a request is
+  answered from the latest snapshot if it was taken at most ``max_age`` seconds
+  (``MAX_AGE``, 0.5 s) before the request came, and otherwise takes a new one,
+  which the requests that come meanwhile wait for and share, with its rendered
+  answers. Whatever the number of readers, the proxy takes at most one snapshot at
+  a time and about one per ``max_age``. A failed snapshot is shared the same way
+  (500), so a stalled proxy is not asked again by every waiting reader.
+* **Names are bounded** (``shorten``): policy ids, server ids and addresses come
+  from the network, and a server id may be as long as a frame (1 MiB). Each is cut
+  to at most ``NAME_LIMIT`` (128) characters, in the page, ``/stats.json`` and
+  ``/metrics`` alike, and stays unique (``shorten`` says how).
+* **A request has a deadline and a size.** Its request line, headers and any body
+  must all arrive within ``request_timeout`` (``REQUEST_TIMEOUT``, 5 s) of the
+  connection, however slowly the bytes trickle in (408 otherwise); the request line
+  and each header line may be 8 KiB (414, 431), the whole head 32 KiB (431). The
+  answer must be taken within ``SEND_TIMEOUT`` (10 s).
+* **Slots go to the readers who need them.** At most ``max_connections``
+  (``MAX_CONNECTIONS``, 40) connections are served at once. Past that, a new
+  connection takes the slot of the oldest connection still sending its request
+  (silent, slow, or a slowloris), which is closed, as nginx reuses its idle
+  connections when it runs out (``ngx_drain_connections``); only when every slot
+  is answering a request (each bounded by ``SEND_TIMEOUT``) does the new
+  connection get ``503 too many stats readers``. So ``/healthz`` tells the truth
+  however many idle connections an attacker holds open.
+
 Threads: ``start`` runs the accept loop in one thread ("stats"); each connection is
-served in a daemon thread of its own, at most ``max_connections`` at once (more are
-answered 503 and closed), and each read waits at most ``read_timeout`` seconds, so
-a silent client holds a thread for that long at worst. Every request for one of
-the four routes calls ``snapshot()`` once, from its own thread: the callable must
-be thread-safe.
+served in a daemon thread of its own. The server's lock guards the table of
+connections served; the snapshots' lock is held while one snapshot is taken and
+while an answer is rendered from it. ``snapshot()`` is called from a request's
+thread, one call at a time; ``draining()`` from any request's thread, at any time.
 """
 
 import base64
@@ -31,36 +60,69 @@ import decimal
 import hashlib
 import html
 import http.server
+import io
 import json
 import socket
 import socketserver
 import sys
 import threading
+import time
 import urllib.parse
 
+import cli
 import metrics
+import netio
 
-__all__ = ["StatsServer", "render_page"]
+__all__ = ["StatsServer", "render_page", "shorten", "bounded"]
 
-# Seconds a connection may take to send its request: 10 s, as the proxy's
-# -frame-timeout; nginx's client_header_timeout is 60 s, but a stats reader is a
-# browser or a scraper on a short path.
-READ_TIMEOUT = 10.0
+# Seconds a connection may take to send its whole request (line, headers, any body):
+# 5 s. HAProxy's packaged configuration has `timeout http-request 10s` and nginx's
+# client_header_timeout is 60 s, each for any client of a web site; a stats reader
+# (a browser tab, a scraper, a health check) sends its request in one packet.
+REQUEST_TIMEOUT = 5.0
+# Seconds an answer may take to be written (socket.sendall bounds the whole write):
+# 10 s, the proxy's -frame-timeout; /metrics of 1000 servers is about 5 MB.
+SEND_TIMEOUT = 10.0
 # Connections served at once: 40, the default of the Prometheus exporters'
 # --web.max-requests; a page polls once a second over one connection at a time.
 MAX_CONNECTIONS = 40
-# Seconds between two polls of the page's script; the issue asks for every second.
-REFRESH_SECONDS = 1
+# Connections the kernel may hold ready before they are accepted: 511, nginx's
+# default listen backlog on Linux (socketserver's default is 5, and a burst of
+# readers past it waits for SYN retries: 1 s, 3 s, 7 s...).
+LISTEN_BACKLOG = 511
+# Seconds a snapshot is served again to the requests that come after it was taken:
+# half the page's one-second refresh, so that a page still sees every second's
+# numbers. Prometheus scrapes every minute by default (scrape_interval), and
+# Envoy's admin serves the histograms of its last stats flush (every 5 s).
+MAX_AGE = 0.5
 # Seconds the page's script waits for /stats.json before it says "stats
 # unavailable": three refresh periods, so one slow answer is not an outage.
 FETCH_TIMEOUT_SECONDS = 3
+# Seconds a request waits for the snapshot another one is taking before it gets
+# 503: as long as the page's script waits for its answer.
+SNAPSHOT_WAIT = FETCH_TIMEOUT_SECONDS
+# Bytes of the request line and of each header line, line end included, and of the
+# whole head: nginx's large_client_header_buffers default, 4 buffers of 8k (and it
+# answers 414 for a longer request line). Python's http.server takes 100 lines of
+# 64 KiB, 6.4 MB a request.
+LINE_LIMIT = 8192
+HEAD_LIMIT = 4 * LINE_LIMIT
+# Characters of a policy id, server id or address as served: a Prometheus label
+# value and a table cell, not a frame (README.md, "Observability").
+NAME_LIMIT = 128
+# Seconds between two polls of the page's script; the issue asks for every second.
+REFRESH_SECONDS = 1
 # Seconds between reloads of the page when its script cannot run (<noscript>).
 NOSCRIPT_REFRESH_SECONDS = 5
-# Bytes of an unwanted request body read before a 405, so that closing the
-# connection does not reset it under the answer (a lingering close, PROTOCOL.md
-# section 1 does the same for frames).
+# After a refusal (405, 408, 414, 431), what the client still sends is read and
+# dropped until it closes, for up to LINGER_TIME seconds and DISCARD_LIMIT bytes:
+# closing with unread bytes would reset the connection, and the client could lose
+# the answer (a lingering close, as nginx's lingering_close; its lingering_timeout
+# is 5 s, but a stats slot is worth more than a late refusal). PROTOCOL.md section 1
+# does the same for frames.
+LINGER_TIME = 1.0
 DISCARD_LIMIT = 65536
-# The whole answer to a connection past max_connections.
+# The whole answer to a connection past max_connections when no slot can be freed.
 BUSY_ANSWER = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
                b"Content-Length: 23\r\nConnection: close\r\n\r\n"
                b"too many stats readers\n")
@@ -77,21 +139,35 @@ class StatsServer:
         address: ``(host, port)``; port 0 picks a free port (see ``port``). A host
             with a ``:`` is an IPv6 literal (``"::1"``), without brackets.
         snapshot: ``f()`` returning the stats dict (schema: README.md,
-            "Observability"); called once per request, from that request's thread.
-        log: ``f(line)`` called with one line when the server listens
-            (``Stats on http://HOST:PORT/``) and for each failed request; None
-            for silence.
-        read_timeout: seconds a connection may take to send its request.
-        max_connections: connections served at once; more get 503.
+            "Observability"; policy ids, server ids and addresses are str); called
+            from a request's thread, one call at a time, at most about once per
+            ``max_age`` seconds. It may raise (the request gets 500).
+        draining: ``f()`` returning True once the proxy drains; ``/healthz`` calls
+            it and nothing else, from any request's thread: it must be cheap and
+            thread-safe (the proxy's: ``lambda: proxy.stopping``).
+        logger: a ``logging.Logger`` for the ready line (``Stats on
+            http://HOST:PORT/``, event ``stats_listening`` {url}) and for each
+            failure (``stats_unavailable`` {path, error, reason}: a snapshot or an
+            answer that could not be made; ``stats_request_failed`` {peer, error,
+            reason}); None for silence. A reader that goes away or is too slow is
+            no failure.
+        request_timeout: seconds a connection may take to send its whole request.
+        max_connections: connections served at once (see the module docstring).
+        max_age: seconds a snapshot is served again to requests that come after it
+            was taken; 0: each request gets one taken after it came (shared only
+            with the requests that came before it was taken).
 
     Raises:
         OSError: the address cannot be bound (port busy, no such address).
     """
 
-    def __init__(self, address, snapshot, *, log=None, read_timeout=READ_TIMEOUT,
-                 max_connections=MAX_CONNECTIONS):
-        self._log = log
-        self._httpd = _HTTPServer(address, snapshot, log, read_timeout, max_connections)
+    def __init__(self, address, snapshot, draining, *, logger=None,
+                 request_timeout=REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS,
+                 max_age=MAX_AGE):
+        self._logger = logger
+        snapshots = _Snapshots(snapshot, max_age, self._unavailable)
+        self._httpd = _HTTPServer(address, snapshots, draining, logger, request_timeout,
+                                  max_connections)
         self._thread = None
         self._closed = False
         self._lock = threading.Lock()
@@ -116,12 +192,14 @@ class StatsServer:
             self._thread = threading.Thread(target=self._httpd.serve_forever,
                                             name="stats", daemon=True)
             self._thread.start()
-        if self._log is not None:
-            self._log(f"Stats on {self.url}")
+        if self._logger is not None:
+            self._logger.info("Stats on %s", self.url,
+                              extra=cli.event("stats_listening", url=self.url))
 
     def close(self):
         """Stop accepting and close the listener; safe to call twice. Requests being
-        served finish in their own threads (at most ``read_timeout`` later)."""
+        served finish in their own threads (at most ``request_timeout`` +
+        ``SNAPSHOT_WAIT`` + ``SEND_TIMEOUT`` later)."""
         with self._lock:
             if self._closed:
                 return
@@ -140,20 +218,122 @@ class StatsServer:
             thread.join()
         self._httpd.server_close()
 
+    def _unavailable(self, path, exc):
+        if self._logger is not None:
+            self._logger.warning("stats: cannot serve %s: %s: %s", path, type(exc).__name__,
+                                 exc, extra=cli.event("stats_unavailable", path=path,
+                                                      error=type(exc).__name__,
+                                                      reason=str(exc)))
+
+
+def shorten(name):
+    """``name`` (str) as the stats serve it: at most ``NAME_LIMIT`` (128)
+    characters, and still telling names apart.
+
+    A name shorter than ``NAME_LIMIT`` is kept. A longer one becomes exactly
+    ``NAME_LIMIT`` characters: its first 95, an ellipsis (U+2026) and 32 hex digits
+    of the SHA-256 of its UTF-8 form. So a kept name never equals a shortened one
+    (their lengths differ), and two long names are served alike only if they share
+    their first 95 characters and 128 bits of SHA-256.
+    """
+    if len(name) < NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+    return name[:NAME_LIMIT - 33] + "\u2026" + digest
+
+
+def bounded(snapshot):
+    """``snapshot`` (the stats dict) with every policy id, server id and address
+    shortened (``shorten``): a new dict; ``snapshot`` is not changed.
+
+    Raises:
+        KeyError, TypeError: ``snapshot`` does not follow the schema.
+    """
+    return dict(snapshot, policies=[
+        dict(policy, policy=shorten(policy["policy"]), servers=[
+            dict(server, id=shorten(server["id"]), address=shorten(server["address"]))
+            for server in policy["servers"]])
+        for policy in snapshot["policies"]])
+
+
+class _Snapshots:
+    """The latest snapshot, bounded, and the answers rendered from it, shared by
+    the requests that come at most ``max_age`` seconds after it was taken; one
+    snapshot is taken at a time, and the requests that come meanwhile wait for it.
+
+    Args:
+        take: ``f()`` returning a snapshot; it may raise.
+        max_age: seconds.
+        unavailable: ``f(path, exc)``, called once for each snapshot or answer that
+            could not be made.
+        clock: ``f()`` returning monotonic seconds.
+    """
+
+    def __init__(self, take, max_age, unavailable, clock=time.monotonic):
+        self._take = take
+        self._max_age = max_age
+        self._unavailable = unavailable
+        self._clock = clock
+        self._lock = threading.Lock()  # held while a snapshot is taken or rendered
+        self._taken_at = None          # when the latest one was asked for
+        self._snapshot = None          # the latest one, or None if it failed
+        self._answers = {}             # route -> its answer from _snapshot
+
+    def answer(self, route, path):
+        """The answer of ``route`` (``f(snapshot)`` returning ``(status, content
+        type, body bytes, headers dict)``) for a request for ``path`` that comes
+        now: 500 if no snapshot or answer could be made, 503 if the snapshot being
+        taken does not come within ``SNAPSHOT_WAIT`` seconds."""
+        came = self._clock()
+        if not self._lock.acquire(timeout=SNAPSHOT_WAIT):
+            return (503, TEXT_CONTENT_TYPE, b"stats busy: a snapshot is still being "
+                    b"taken; try again\n", {"Retry-After": "1"})
+        try:
+            if self._taken_at is None or self._taken_at < came - self._max_age:
+                self._taken_at = self._clock()
+                self._answers = {}
+                try:
+                    self._snapshot = bounded(self._take())
+                except Exception as exc:  # the proxy's trouble costs these requests only
+                    self._snapshot = None
+                    self._unavailable(path, exc)
+            answer = self._answers.get(route)
+            if answer is None:
+                answer = (500, TEXT_CONTENT_TYPE,
+                          b"stats unavailable: the proxy could not take a snapshot\n", {})
+                if self._snapshot is not None:
+                    try:
+                        answer = route(self._snapshot)
+                    except Exception as exc:
+                        self._unavailable(path, exc)
+                self._answers[route] = answer
+            return answer
+        finally:
+            self._lock.release()
+
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` with the address family of its host, a cap on open
-    connections and errors logged in one line."""
+    """``ThreadingHTTPServer`` with the address family of its host, a listen
+    backlog of ``LISTEN_BACKLOG``, at most ``max_connections`` connections served
+    (the oldest one still sending its request makes room for a new one) and errors
+    logged in one line."""
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, snapshot, log, read_timeout, max_connections):
+    def __init__(self, address, snapshots, draining, logger, request_timeout,
+                 max_connections):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.snapshot = snapshot
-        self.log = log
-        self.read_timeout = read_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.snapshots = snapshots
+        self.draining = draining
+        self.logger = logger
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        # The connections served, oldest first: True once the request has come whole
+        # and is being answered, False while it is still being read.
+        self._served = {}
         super().__init__(address, _Handler)
 
     def server_bind(self):
@@ -164,7 +344,20 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.server_port = self.server_address[1]
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        with self._lock:
+            full = len(self._served) >= self.max_connections
+            oldest = next((sock for sock, answering in self._served.items()
+                           if not answering), None) if full else None
+            if oldest is not None:
+                del self._served[oldest]
+                try:
+                    # Its thread's read returns at once and the thread ends.
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed by its thread already
+            if not full or oldest is not None:
+                self._served[request] = False
+        if full and oldest is None:
             try:
                 request.sendall(BUSY_ANSWER)
             except OSError:
@@ -174,36 +367,144 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def answering(self, request):
+        """Mark ``request`` (its socket) as being answered, so that no newcomer takes
+        its slot; False if it was closed to make room already."""
+        with self._lock:
+            if request not in self._served:
+                return False
+            self._served[request] = True
+            return True
+
+    def _forget(self, request):
+        with self._lock:
+            self._served.pop(request, None)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
-        # A reader that goes away mid-answer (a closed tab) is no fault to report.
-        if self.log is not None and not isinstance(exc, ConnectionError):
-            self.log(f"stats: request from {client_address[0]} failed: "
-                     f"{type(exc).__name__}: {exc}")
+        # A reader that goes away mid-answer (a closed tab) or does not take its
+        # answer in time is no fault to report.
+        if self.logger is not None and not isinstance(exc, (ConnectionError, socket.timeout)):
+            self.logger.warning("stats: request from %s failed: %s: %s", client_address[0],
+                                type(exc).__name__, exc,
+                                extra=cli.event("stats_request_failed", peer=client_address[0],
+                                                error=type(exc).__name__, reason=str(exc)))
+
+
+class _Refusal(Exception):
+    """A request refused before it is parsed: ``status`` and a one-line ``text``."""
+
+    def __init__(self, status, text):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw reader of a connection whose reads all end by one ``deadline``
+    (``netio.Deadline``): each waits only for the time left, so a client that sends
+    a byte at a time gets no more time than one that sends nothing."""
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self._deadline.left()
+        if not left:
+            raise socket.timeout("the request's deadline has passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """One request: route it, answer from one snapshot. HTTP/1.0, one request per
-    connection: a poll a second costs one loopback connect, and no idle
+    """One request: read it within its deadline and size limits, answer it (from the
+    shared snapshot, or from ``draining()`` for ``/healthz``). HTTP/1.0, one request
+    per connection: a poll a second costs one loopback connect, and no idle
     keep-alive connection holds a thread."""
 
     server_version = "rproxy-stats"
+    # What an answer sent before the request is parsed (408, 414, 431) knows of it.
+    requestline = ""
+    request_version = "HTTP/1.0"
+    command = None
 
     def version_string(self):
         return self.server_version  # no Python version for the curious
 
     def setup(self):
-        self.timeout = self.server.read_timeout
         super().setup()
+        self.rfile.close()  # the plain reader: every read goes by the deadline instead
+        self.rfile = io.BufferedReader(_DeadlineReader(
+            self.connection, netio.Deadline(self.server.request_timeout)))
+
+    def handle(self):
+        try:
+            lines = self._read_head()
+        except _Refusal as refusal:
+            self._refuse(refusal.status, refusal.text)
+            return
+        except socket.timeout:
+            self._refuse(408, f"the request did not come whole within "
+                              f"{self.server.request_timeout:g} s")
+            return
+        if not lines or not self.server.answering(self.request):
+            return  # closed before a whole request came, or to make room for another
+        self.raw_requestline = lines[0]
+        stream, self.rfile = self.rfile, io.BytesIO(b"".join(lines[1:]))
+        try:
+            # http.server's own rules from here: 400, 505, HTTP/0.9, the headers.
+            parsed = self.parse_request()
+        finally:
+            self.rfile = stream  # what follows the head: a body, read by the deadline
+        if parsed:
+            getattr(self, "do_" + self.command)()
+
+    def _read_head(self):
+        """The request line and the header lines up to the blank line that ends them
+        (bytes, each with its line end); the request line alone when it has fewer
+        than three words (HTTP/0.9, which has no headers, or junk: ``parse_request``
+        answers either at once); [] if the connection closed first.
+
+        Raises:
+            _Refusal: 414 for a request line over ``LINE_LIMIT`` bytes, 431 for a
+                header line over ``LINE_LIMIT`` or a head over ``HEAD_LIMIT``.
+            socket.timeout: the deadline passed.
+        """
+        line = self.rfile.readline(LINE_LIMIT + 1)
+        if len(line) > LINE_LIMIT:
+            raise _Refusal(414, f"request line longer than {LINE_LIMIT} bytes")
+        if not line.endswith(b"\n"):
+            return []
+        lines = [line]
+        if len(line.split()) < 3:
+            return lines
+        size = len(line)
+        while lines[-1] not in (b"\r\n", b"\n"):
+            line = self.rfile.readline(LINE_LIMIT + 1)
+            size += len(line)
+            if len(line) > LINE_LIMIT:
+                raise _Refusal(431, f"header line longer than {LINE_LIMIT} bytes")
+            if size > HEAD_LIMIT:
+                raise _Refusal(431, f"request line and headers longer than {HEAD_LIMIT} "
+                                    "bytes")
+            if not line.endswith(b"\n"):
+                return []
+            lines.append(line)
+        return lines
 
     def do_GET(self):
         self._answer(head=False)
@@ -219,33 +520,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _not_allowed(self):
+        self._refuse(405, f"method {self.command} not allowed: use GET or HEAD",
+                     {"Allow": "GET, HEAD"})
+
+    def _refuse(self, status, text, extra=None):
+        """Answer ``status`` with the one line ``text``, then close lingering (see
+        ``LINGER_TIME``)."""
+        self._send(status, TEXT_CONTENT_TYPE, f"{text}\n".encode(), False, extra)
         try:
-            length = int(self.headers.get("Content-Length", 0))
-        except ValueError:
-            length = 0
-        if 0 < length <= DISCARD_LIMIT:
-            self.rfile.read(length)
-        self._send(405, TEXT_CONTENT_TYPE,
-                   f"method {self.command} not allowed: use GET or HEAD\n".encode(),
-                   head=False, extra={"Allow": "GET, HEAD"})
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = netio.Deadline(LINGER_TIME)
+            dropped = 0
+            while dropped < DISCARD_LIMIT and deadline.left():
+                self.connection.settimeout(deadline.left())
+                chunk = self.connection.recv(DISCARD_LIMIT)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass  # reset, or silent past the linger time: nothing more is owed
 
     def _answer(self, head):
         path = urllib.parse.urlsplit(self.path).path
-        route = _ROUTES.get(path)
-        if route is None:
-            self._send(404, TEXT_CONTENT_TYPE, f"no such page: {path}\n".encode(), head)
-            return
-        try:
-            snapshot = self.server.snapshot()
-            status, content_type, body, extra = route(snapshot)
-        except Exception as exc:  # a bad snapshot costs this request only
-            if self.server.log is not None:
-                self.server.log(f"stats: cannot serve {path}: {type(exc).__name__}: {exc}")
-            status, content_type, extra = 500, TEXT_CONTENT_TYPE, {}
-            body = b"stats unavailable: the proxy could not take a snapshot\n"
-        self._send(status, content_type, body, head, extra)
+        if path == "/healthz":
+            answer = _healthz(self.server.draining())
+        elif path in _ROUTES:
+            answer = self.server.snapshots.answer(_ROUTES[path], path)
+        else:
+            answer = (404, TEXT_CONTENT_TYPE, f"no such page: {path}\n".encode(), {})
+        self._send(*answer[:3], head, answer[3])
 
     def _send(self, status, content_type, body, head, extra=None):
+        self.connection.settimeout(SEND_TIMEOUT)  # for the whole answer: sendall
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -277,13 +583,14 @@ def _metrics(snapshot):
             metrics.render_prometheus(snapshot).encode("utf-8"), {})
 
 
-def _healthz(snapshot):
-    if snapshot["draining"]:
+def _healthz(draining):
+    if draining:
         return 503, TEXT_CONTENT_TYPE, b"draining\n", {}
     return 200, TEXT_CONTENT_TYPE, b"ok\n", {}
 
 
-_ROUTES = {"/": _page, "/stats.json": _json, "/metrics": _metrics, "/healthz": _healthz}
+# The routes answered from a snapshot; /healthz is answered from draining() alone.
+_ROUTES = {"/": _page, "/stats.json": _json, "/metrics": _metrics}
 
 
 # --- The page ----------------------------------------------------------------------
@@ -302,6 +609,11 @@ _COLUMNS = (("next", "", "nx"), ("id", "server", "id"), ("state", "state", ""),
             ("p99", "p99 (1 min)", "n"))
 
 _BALANCE_NAMES = {"roundrobin": "round robin", "leastconn": "leastconn"}
+
+# Milliseconds from which a latency is shown as "\u2265 10000 ms": the largest bucket
+# bound, past which a percentile is reported as the bound itself
+# (metrics.LatencyCounts.percentiles).
+_LATENCY_CAP_MS = round(metrics.LATENCY_BOUNDS[-1] * 1000)
 
 _STYLE = """
 :root{--bg:#f5f6f8;--card:#fff;--fg:#1b2230;--muted:#5f6b7d;--line:#e2e6ec;
@@ -351,6 +663,9 @@ tbody tr:last-child td{border-bottom:0}
 td.n,th.n{text-align:right;font-family:var(--mono)}
 td.id{font-weight:600;font-family:var(--mono)}
 td.addr{font-family:var(--mono);color:var(--muted)}
+td.id,td.addr{white-space:normal;overflow-wrap:anywhere}
+td.id{min-width:20ch}td.addr{min-width:24ch}
+.policy h2 span{overflow-wrap:anywhere;min-width:0}
 td.nx{width:5.5em;color:var(--accent);font-weight:700}
 tr.next td.nx{box-shadow:inset 4px 0 var(--accent)}
 tr.st-down{background:var(--down-row)}
@@ -366,6 +681,7 @@ tr.flash{animation:flash .7s ease-in-out 4}
 .empty{color:var(--muted);padding:14px}
 footer{margin-top:18px;color:var(--muted);font-size:12px}
 footer a{color:inherit}
+footer p{margin:4px 0}
 @media (max-width:640px){
 .wrap{padding:10px}.status{margin-left:0;width:100%}
 .tiles{grid-template-columns:repeat(2,1fr);gap:8px}.tile{padding:8px 12px}.v{font-size:18px}
@@ -373,7 +689,7 @@ table,tbody,td{display:block}thead{display:none}
 tbody tr{display:grid;grid-template-columns:repeat(3,1fr);gap:6px 10px;padding:10px 14px;
 border-bottom:1px solid var(--line)}
 tbody tr:last-child{border-bottom:0}
-td{border:0;padding:0;white-space:normal;overflow-wrap:anywhere}
+td,td.id,td.addr{border:0;padding:0;white-space:normal;overflow-wrap:anywhere;min-width:0}
 td.n{text-align:left}
 td::before{content:attr(data-label);display:block;color:var(--muted);
 font:11px system-ui,sans-serif;text-transform:uppercase;letter-spacing:.05em}
@@ -388,6 +704,7 @@ _SCRIPT = """
 (function () {
   "use strict";
   var REFRESH_MS = %(refresh_ms)d, TIMEOUT_MS = %(timeout_ms)d;
+  var LATENCY_CAP_MS = %(latency_cap_ms)d;
   var BALANCE_NAMES = %(balance_names)s;
   var main = document.getElementById("policies");
   var status = document.getElementById("status");
@@ -396,6 +713,7 @@ _SCRIPT = """
   function count(n) { return n.toLocaleString("en-US"); }
   function ms(v) {
     if (v === null || v === undefined) { return "\\u2013"; }
+    if (v >= LATENCY_CAP_MS) { return "\\u2265 " + LATENCY_CAP_MS + " ms"; }
     return v.toFixed(v < 10 ? 2 : v < 100 ? 1 : 0) + " ms";
   }
   function two(n) { return (n < 10 ? "0" : "") + n; }
@@ -531,6 +849,7 @@ _SCRIPT = """
   setTimeout(poll, REFRESH_MS);
 })();
 """ % {"refresh_ms": REFRESH_SECONDS * 1000, "timeout_ms": FETCH_TIMEOUT_SECONDS * 1000,
+       "latency_cap_ms": _LATENCY_CAP_MS,
        "balance_names": json.dumps(_BALANCE_NAMES)}
 
 
@@ -551,6 +870,8 @@ def _count(n):
 def _ms(value):
     if value is None:
         return "\u2013"
+    if value >= _LATENCY_CAP_MS:
+        return f"\u2265 {_LATENCY_CAP_MS} ms"
     return _fixed(value, 2 if value < 10 else 1 if value < 100 else 0) + " ms"
 
 
@@ -675,8 +996,12 @@ reloads every {NOSCRIPT_REFRESH_SECONDS} s</noscript></p></header>
 <main id="policies">{policies}</main>
 <p class="empty" data-f="empty"{" hidden" if snapshot["policies"] else ""}>No server has
 registered yet.</p>
-<footer>For programs: <a href="stats.json">/stats.json</a> \u00b7
-<a href="metrics">/metrics</a> (Prometheus) \u00b7 <a href="healthz">/healthz</a></footer>
+<footer><p>p50 and p99: latency of the answers of the last minute, from buckets up
+to {_LATENCY_CAP_MS} ms (\u2265 {_LATENCY_CAP_MS} ms: that long or longer). Names longer
+than {NAME_LIMIT - 1} characters are shortened to {NAME_LIMIT}, ending in \u2026 and a
+hash.</p>
+<p>For programs: <a href="stats.json">/stats.json</a> \u00b7
+<a href="metrics">/metrics</a> (Prometheus) \u00b7 <a href="healthz">/healthz</a></p></footer>
 </div>
 <template id="tpl-policy">{_policy_section(None)}</template>
 <template id="tpl-server">{_server_row(None)}</template>

@@ -1,11 +1,15 @@
 """metrics.py: latency windows and the Prometheus text format, pure (no sockets,
 no clock: every ``now`` is made up)."""
 
+import bisect
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
-from metrics import LATENCY_BOUNDS, LatencyWindow
+from metrics import LATENCY_BOUNDS, WINDOW_SECONDS, LatencyWindow
 
 MS = 1e-3
 CODES = ("ACK", "BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER",
@@ -31,14 +35,14 @@ def test_bounds_run_from_50_us_to_10_s_ten_per_decade():
 # --- Percentiles --------------------------------------------------------------------
 
 def test_no_answer_gives_no_percentiles():
-    assert LatencyWindow().percentiles(1000.0) == (None, None)
+    assert LatencyWindow().read(1000.0).percentiles() == (None, None)
 
 
 def test_percentiles_interpolate_inside_one_bucket():
     window = LatencyWindow()
     for _ in range(100):
         window.record(1.1 * MS, 500.25)  # bucket (1 ms, 1.25 ms]
-    p50, p99 = window.percentiles(500.5)
+    p50, p99 = window.read(500.5).percentiles()
     assert p50 == exactly(1.125 * MS)   # 1 ms + 0.25 ms x 50/100
     assert p99 == exactly(1.2475 * MS)  # 1 ms + 0.25 ms x 99/100
 
@@ -49,7 +53,7 @@ def test_percentiles_across_buckets():
         window.record(0.9 * MS, 10.0)   # bucket (0.8 ms, 1 ms]
     window.record(90 * MS, 10.0)        # bucket (80 ms, 100 ms]
     window.record(95 * MS, 10.0)
-    p50, p99 = window.percentiles(10.0)
+    p50, p99 = window.read(10.0).percentiles()
     assert p50 == exactly(0.8 * MS + 0.2 * MS * 50 / 98)
     assert p99 == exactly(80 * MS + 20 * MS * 1 / 2)  # rank 99: the first of the 2
 
@@ -57,28 +61,28 @@ def test_percentiles_across_buckets():
 def test_a_value_equal_to_a_bound_counts_in_that_bucket():
     window = LatencyWindow()
     window.record(1 * MS, 0.0)
-    assert window.percentiles(0.0) == (exactly(0.9 * MS), exactly(0.998 * MS))
-    assert window.histogram()["counts"][LATENCY_BOUNDS.index(1 * MS)] == 1
-    assert window.histogram()["counts"][LATENCY_BOUNDS.index(1 * MS) - 1] == 0
+    assert window.read(0.0).percentiles() == (exactly(0.9 * MS), exactly(0.998 * MS))
+    assert window.read(0.0).histogram()["counts"][LATENCY_BOUNDS.index(1 * MS)] == 1
+    assert window.read(0.0).histogram()["counts"][LATENCY_BOUNDS.index(1 * MS) - 1] == 0
 
 
 def test_below_50_us_interpolates_from_zero_and_above_10_s_reports_10_s():
     window = LatencyWindow()
     window.record(10e-6, 0.0)
-    assert window.percentiles(0.5) == (exactly(25e-6), exactly(49.5e-6))
+    assert window.read(0.5).percentiles() == (exactly(25e-6), exactly(49.5e-6))
     slow = LatencyWindow()
     for _ in range(10):
         slow.record(30.0, 0.0)
-    assert slow.percentiles(0.5) == (10.0, 10.0)
+    assert slow.read(0.5).percentiles() == (10.0, 10.0)
 
 
 def test_window_keeps_an_answer_until_60_whole_seconds_have_passed():
     window = LatencyWindow()
     window.record(2 * MS, 100.5)  # bucket (1.6 ms, 2 ms]
-    assert window.percentiles(100.5)[0] == exactly(1.8 * MS)
-    assert window.percentiles(159.99)[0] == exactly(1.8 * MS)
-    assert window.percentiles(160.0) == (None, None)
-    assert window.histogram()["count"] == 1  # the histogram never forgets
+    assert window.read(100.5).percentiles()[0] == exactly(1.8 * MS)
+    assert window.read(159.99).percentiles()[0] == exactly(1.8 * MS)
+    assert window.read(160.0).percentiles() == (None, None)
+    assert window.read(160.0).histogram()["count"] == 1  # the histogram never forgets
 
 
 def test_window_sums_the_seconds_it_covers():
@@ -88,10 +92,10 @@ def test_window_sums_the_seconds_it_covers():
     for _ in range(60):                  # and 60 slow ones in the last second
         window.record(90 * MS, 159.7)
     # 120 answers: ranks 60 and 118.8 fall in (0.8, 1] and (80, 100] ms.
-    assert window.percentiles(159.9) == (exactly(1 * MS),
+    assert window.read(159.9).percentiles() == (exactly(1 * MS),
                                          exactly(80 * MS + 20 * MS * 58.8 / 60))
     # One second later the answer of second 100 has left: 59 fast, 60 slow.
-    assert window.percentiles(160.0) == (exactly(80 * MS + 20 * MS * 0.5 / 60),
+    assert window.read(160.0).percentiles() == (exactly(80 * MS + 20 * MS * 0.5 / 60),
                                          exactly(80 * MS + 20 * MS * 58.81 / 60))
 
 
@@ -99,9 +103,9 @@ def test_a_slot_reused_a_minute_later_starts_empty():
     window = LatencyWindow()
     window.record(0.9 * MS, 100.2)
     window.record(90 * MS, 160.3)  # same slot (100 % 60 == 160 % 60)
-    assert window.percentiles(160.5) == (exactly(80 * MS + 20 * MS * 0.5),
+    assert window.read(160.5).percentiles() == (exactly(80 * MS + 20 * MS * 0.5),
                                          exactly(80 * MS + 20 * MS * 0.99))
-    assert window.histogram()["count"] == 2
+    assert window.read(160.5).histogram()["count"] == 2
 
 
 def test_answers_recorded_out_of_order_land_in_their_second():
@@ -109,9 +113,9 @@ def test_answers_recorded_out_of_order_land_in_their_second():
     window.record(0.9 * MS, 101.1)
     window.record(0.9 * MS, 100.9)  # a thread that read the clock earlier
     window.record(0.9 * MS, 101.2)
-    assert window.percentiles(101.5) == (exactly(0.9 * MS),
+    assert window.read(101.5).percentiles() == (exactly(0.9 * MS),
                                          exactly(0.8 * MS + 0.2 * MS * 2.97 / 3))
-    assert window.percentiles(160.5) == (exactly(0.8 * MS + 0.2 * MS * 1 / 2),
+    assert window.read(160.5).percentiles() == (exactly(0.8 * MS + 0.2 * MS * 1 / 2),
                                          exactly(0.8 * MS + 0.2 * MS * 1.98 / 2))
 
 
@@ -119,8 +123,58 @@ def test_an_answer_older_than_the_window_counts_in_the_histogram_only():
     window = LatencyWindow()
     window.record(0.9 * MS, 200.0)
     window.record(90 * MS, 140.0)  # 60 s older than slot 20's second 200
-    assert window.percentiles(200.5) == (exactly(0.9 * MS), exactly(0.998 * MS))
-    assert window.histogram()["count"] == 2
+    assert window.read(200.5).percentiles() == (exactly(0.9 * MS), exactly(0.998 * MS))
+    assert window.read(200.5).histogram()["count"] == 2
+
+
+def test_an_answer_for_a_second_already_read_out_of_the_window_never_shows():
+    window = LatencyWindow()
+    window.record(0.9 * MS, 100.5)
+    assert window.read(160.0).percentiles() == (None, None)  # second 100 has left
+    window.record(90 * MS, 100.7)  # late: second 100 again, into the same slot
+    assert window.read(160.0).percentiles() == (None, None)
+    window.record(2 * MS, 160.2)
+    assert window.read(160.5).percentiles() == (exactly(1.8 * MS), exactly(1.996 * MS))
+    assert window.read(160.5).histogram()["count"] == 3
+
+
+def test_a_read_is_a_copy_that_later_answers_do_not_change():
+    window = LatencyWindow()
+    window.record(0.9 * MS, 10.0)
+    counts = window.read(10.0)
+    window.record(90 * MS, 10.0)
+    window.record(90 * MS, 75.0)  # and second 10 leaves the window at the next read
+    assert counts.percentiles() == (exactly(0.9 * MS), exactly(0.998 * MS))
+    assert counts.histogram()["count"] == 1
+    assert window.read(75.0).percentiles() == (exactly(90 * MS), exactly(99.8 * MS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([40e-6, 0.9 * MS, 90 * MS, 30.0]),
+                          st.floats(0, 3), st.booleans()), max_size=80),
+       st.floats(0, 200))
+def test_the_window_read_equals_the_sum_of_the_last_minute(steps, start):
+    """A running sum must agree with counting every answer of the 60 whole seconds up
+    to the read, whatever the gaps, the late answers and the reads in between."""
+    window = LatencyWindow()
+    recorded = []
+    now = start
+    for value, step, late in steps:
+        now += step
+        at = max(0.0, now - 61) if late else now  # a late answer: a minute before
+        window.record(value, at)
+        recorded.append((value, at))
+        counts = window.read(now)
+        expected = [0] * (len(LATENCY_BOUNDS) + 1)
+        for value_seen, second in recorded:
+            if int(now) - WINDOW_SECONDS < int(second) <= int(now):
+                expected[bisect.bisect_left(LATENCY_BOUNDS, value_seen)] += 1
+        # A late answer whose slot holds a later second counts in the histogram only,
+        # so the window may hold fewer than the ones from its 60 seconds, never more.
+        assert all(got <= want for got, want in zip(counts.window, expected))
+        if not late:
+            assert counts.window == expected
+        assert sum(counts.counts) == len(recorded)
 
 
 # --- Histogram ----------------------------------------------------------------------
@@ -130,7 +184,7 @@ def test_histogram_is_cumulative_since_start():
     samples = [40e-6, 50e-6, 0.3 * MS, 0.3 * MS, 1.1 * MS, 2.5, 12.0]
     for index, value in enumerate(samples):
         window.record(value, 1000.0 + index * 30)
-    histogram = window.histogram()
+    histogram = window.read(1200.0).histogram()
     assert histogram["le"] == list(LATENCY_BOUNDS)
     expected = [sum(1 for value in samples if value <= bound) for bound in LATENCY_BOUNDS]
     assert histogram["counts"] == expected
@@ -140,14 +194,14 @@ def test_histogram_is_cumulative_since_start():
 
 
 def test_histogram_of_no_answer_is_zeros():
-    assert LatencyWindow().histogram() == {"le": list(LATENCY_BOUNDS), "counts": [0] * 54,
+    assert LatencyWindow().read(0.0).histogram() == {"le": list(LATENCY_BOUNDS), "counts": [0] * 54,
                                            "count": 0, "sum": 0.0}
 
 
 # --- Prometheus text format ---------------------------------------------------------
 
 def server(server_id, state="up", served=0, in_flight=0, failures=0, window=None):
-    histogram = (window or LatencyWindow()).histogram()
+    histogram = (window or LatencyWindow()).read(5.0).histogram()
     return {"id": server_id, "address": "127.0.0.1:2105", "state": state, "weight": 1,
             "served": served, "in_flight": in_flight, "failures": failures,
             "latency_ms": {"p50": None, "p99": None}, "latency_histogram": histogram,

@@ -1,7 +1,9 @@
 """The proxy's stats (README.md, "Observability") against known traffic: a
 ReverseProxy in a thread of the test, its StatsServer, scripted servers; every
-endpoint checked with exact counts, also after a server fails and leaves; and the page
-in a real headless Chromium while traffic goes through the proxy."""
+endpoint checked with exact counts, also after a server fails and leaves; what a
+snapshot costs the loop thread (nothing for /healthz, a copy for the rest, nothing for
+a reader that gave up); and the page in a real headless Chromium while traffic goes
+through the proxy."""
 
 import http.client
 import json
@@ -12,6 +14,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import metrics
 import protocol
 import stats
 from conftest import WAIT, Wire, sha1
@@ -26,7 +29,7 @@ def observed(proxies):
 
     def make(**options):
         proxy = proxies(**options)
-        board = stats.StatsServer(("127.0.0.1", 0), proxy.stats)
+        board = stats.StatsServer(("127.0.0.1", 0), proxy.stats, lambda: proxy.stopping)
         board.start()
         boards.append(board)
 
@@ -176,6 +179,109 @@ def test_healthz_is_503_while_the_proxy_drains(observed, fake_servers):
     wire.close()
 
 
+def count_snapshots(proxy, monkeypatch):
+    """The list that gets one item each time the loop thread takes a snapshot."""
+    taken = []
+    real = proxy._stats_now
+    monkeypatch.setattr(proxy, "_stats_now", lambda: taken.append(1) or real())
+    return taken
+
+
+def block_the_loop(proxy):
+    """Hold the proxy's loop thread; returns the Event that lets it go."""
+    blocked, release = threading.Event(), threading.Event()
+    proxy.loop.post(lambda: (blocked.set(), release.wait(WAIT)))
+    assert blocked.wait(WAIT)
+    return release
+
+
+def test_healthz_answers_while_the_loop_is_busy_and_takes_no_snapshot(observed,
+                                                                     monkeypatch):
+    proxy, get, _ = observed()
+    taken = count_snapshots(proxy, monkeypatch)
+    release = block_the_loop(proxy)
+    try:
+        assert get("/healthz") == (200, "ok\n")  # the loop could not have answered
+    finally:
+        release.set()
+    assert taken == []
+
+
+def test_a_snapshot_given_up_on_costs_the_loop_nothing(proxies, monkeypatch):
+    proxy = proxies()
+    taken = count_snapshots(proxy, monkeypatch)
+    release = block_the_loop(proxy)
+    try:
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                proxy.stats(timeout=0.05)
+    finally:
+        release.set()
+    # Posted after the five given up on, so run after them: only this one is taken.
+    assert proxy.stats()["totals"]["packets"] == 0
+    assert taken == [1]
+
+
+def test_the_loop_thread_only_copies_and_percentiles_are_rounded(observed, fake_servers,
+                                                                monkeypatch):
+    proxy, get, _ = observed()
+    fake_servers("A").register(proxy.port, "111")
+    exchange(proxy.port, [protocol.data("c", "111", f"x{i}") for i in range(3)])
+    workers = []
+    for name in ("percentiles", "histogram"):
+        real = getattr(metrics.LatencyCounts, name)
+        monkeypatch.setattr(metrics.LatencyCounts, name, lambda self, real=real: (
+            workers.append(threading.current_thread()), real(self))[1])
+    [policy] = json.loads(get("/stats.json")[1])["policies"]
+    [server] = policy["servers"]
+    assert server["latency_histogram"]["count"] == 3
+    assert len(workers) == 2 and proxy.loop.thread not in workers
+    for value in server["latency_ms"].values():
+        assert value > 0 and value == round(value, 3)  # 0.001 ms, no float noise
+
+
+def test_routing_goes_on_while_readers_poll_every_endpoint(observed, fake_servers):
+    # The breaker's case, scaled to a test: many servers (open registration, legacy
+    # SETUPs all pointing at one real server), every server with a minute of
+    # latencies, and readers polling in tight loops. Before, every request cost the
+    # loop a snapshot of every server and they queued behind one another: one packet
+    # waited 55 s with 1000 servers and 4 /healthz pollers.
+    proxy, get, _ = observed()
+    fake = fake_servers("A")
+    for n in range(300):
+        fake.register(proxy.port, f"p{n}", server_id=f"s{n}").close()
+    fake.register(proxy.port, "main").close()
+    answers = exchange(proxy.port, [protocol.data("c", f"p{n}", "x") for n in range(300)])
+    assert {answer["type"] for answer in answers} == {protocol.MessageType.ACK}
+    stop = threading.Event()
+    polls = []
+
+    def poll(path):
+        while not stop.is_set():
+            polls.append(get(path)[0])
+
+    readers = [threading.Thread(target=poll, args=(path,), daemon=True)
+               for path in ("/healthz", "/healthz", "/stats.json", "/stats.json", "/metrics",
+                            "/")]
+    for reader in readers:
+        reader.start()
+    slowest = 0.0
+    wire = Wire(proxy.port)
+    try:
+        for n in range(200):
+            sent = time.monotonic()
+            wire.send(protocol.data("c", "main", f"m{n}"))
+            assert wire.receive()["type"] == protocol.MessageType.ACK
+            slowest = max(slowest, time.monotonic() - sent)
+    finally:
+        wire.close()
+        stop.set()
+        for reader in readers:
+            reader.join(WAIT)
+    assert set(polls) == {200} and len(polls) >= len(readers)
+    assert slowest < 2.0, f"a packet waited {slowest:.3f} s behind the stats readers"
+
+
 @needs_chromium
 def test_page_shows_served_counts_moving_with_traffic(observed, fake_servers, tmp_path):
     proxy, get, board = observed()
@@ -189,7 +295,9 @@ def test_page_shows_served_counts_moving_with_traffic(observed, fake_servers, tm
         sent.extend(range(4))
         return proxy.stats()
 
-    traffic_board = stats.StatsServer(("127.0.0.1", 0), with_traffic)
+    # max_age 0: Chromium's virtual time makes the page's polls come at once.
+    traffic_board = stats.StatsServer(("127.0.0.1", 0), with_traffic,
+                                      lambda: proxy.stopping, max_age=0)
     traffic_board.start()
     try:
         dom = chromium(tmp_path, traffic_board.url, "--dump-dom")

@@ -1,10 +1,14 @@
 """stats.py: the stats listener in the test process, on loopback port 0, fed by fake
 snapshots; and its page in a real headless Chromium."""
 
+import errno
+import hashlib
 import http.client
 import json
+import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -24,15 +28,15 @@ CODES = ("ACK", "BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER",
 EVIL = '<script>alert("x")</script>'
 
 
-def server(server_id, port, state="up", served=0, next_=False):
+def server(server_id, port, state="up", served=0, next_=False, p99=1.2475):
     window = metrics.LatencyWindow()
     if served:
         window.record(0.0011, 1.0)
     return {"id": server_id, "address": f"127.0.0.1:{port}", "state": state, "weight": 1,
             "served": served, "in_flight": 0, "failures": 0 if state == "up" else 2,
             "latency_ms": {"p50": 1.125 if served else None,
-                           "p99": 1.2475 if served else None},
-            "latency_histogram": window.histogram(), "next": next_}
+                           "p99": p99 if served else None},
+            "latency_histogram": window.read(1.0).histogram(), "next": next_}
 
 
 def make_snapshot(served=(5, 4, 7, 3), down=("400",), draining=False, extra_server=None):
@@ -50,18 +54,19 @@ def make_snapshot(served=(5, 4, 7, 3), down=("400",), draining=False, extra_serv
         "policies": [
             {"policy": "111", "balance": "roundrobin", "servers": servers_111},
             {"policy": "222", "balance": "roundrobin", "servers": [
-                server("200", 2115, served=served[2], next_=True),
+                server("200", 2115, served=served[2], next_=True, p99=10000.0),
                 server("400", 2120, "down" if "400" in down else "up", served[3])]}]}
 
 
 @pytest.fixture
 def serve():
-    """``serve(snapshot_fn, host="127.0.0.1", **options)`` starts a StatsServer on
-    port 0; every one started is closed at the end."""
+    """``serve(snapshot_fn, host="127.0.0.1", draining=f, **options)`` starts a
+    StatsServer on port 0 (never draining unless ``draining`` says so); every one
+    started is closed at the end."""
     started = []
 
-    def start(snapshot_fn, host="127.0.0.1", **options):
-        stats_server = stats.StatsServer((host, 0), snapshot_fn, **options)
+    def start(snapshot_fn, host="127.0.0.1", draining=lambda: False, **options):
+        stats_server = stats.StatsServer((host, 0), snapshot_fn, draining, **options)
         started.append(stats_server)
         stats_server.start()
         return stats_server
@@ -107,12 +112,16 @@ def test_metrics_is_prometheus_text(serve):
     assert body.decode() == metrics.render_prometheus(make_snapshot())
 
 
-def test_healthz_is_ok_then_503_while_draining(serve):
+def test_healthz_is_ok_then_503_while_draining_and_takes_no_snapshot(serve):
     draining = threading.Event()
-    stats_server = serve(lambda: make_snapshot(draining=draining.is_set()))
+    calls = []
+    stats_server = serve(lambda: calls.append(1) or make_snapshot(),
+                         draining=draining.is_set)
     assert request(stats_server, "GET", "/healthz")[::2] == (200, b"ok\n")
     draining.set()
     assert request(stats_server, "GET", "/healthz")[::2] == (503, b"draining\n")
+    assert request(stats_server, "HEAD", "/healthz")[0] == 503
+    assert calls == []
 
 
 def test_page_shows_every_server_in_rotation_order(serve):
@@ -127,7 +136,9 @@ def test_page_shows_every_server_in_rotation_order(serve):
     assert page.count("\u25b6 next") == 2
     assert '<span class="badge down" data-f="state">DOWN</span>' in page
     assert re.findall(r'data-f="served">([\d,]+)<', page) == ["5", "4", "7", "3"]
-    assert ">1.13 ms<" in page and ">1.25 ms<" in page and ">\u2013<" not in page
+    assert re.findall(r'data-f="p99">([^<]+)<', page) == [
+        "1.25 ms", "1.25 ms", "\u2265 10000 ms", "1.25 ms"]  # 10 s: the largest bucket
+    assert ">1.13 ms<" in page and ">\u2013<" not in page
 
 
 def test_page_loads_nothing_from_elsewhere(serve):
@@ -187,29 +198,53 @@ def test_head_sends_the_headers_of_get_without_a_body(serve, path):
     assert body == b""
 
 
-def test_a_failing_snapshot_is_500_and_one_log_line(serve):
-    lines = []
+class Records(logging.Handler):
+    """The records of a logger of its own: ``(level, event, fields, message)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.logger = logging.getLogger(f"test-stats-{id(self)}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        self.seen = []
+
+    def emit(self, record):
+        self.seen.append((record.levelname, getattr(record, "event", None),
+                          getattr(record, "fields", None), record.getMessage()))
+
+
+def test_a_failing_snapshot_is_500_and_one_log_line_for_the_requests_that_share_it(serve):
+    records = Records()
+    calls = []
 
     def broken():
+        calls.append(1)
         raise RuntimeError("registry gone")
 
-    stats_server = serve(broken, log=lines.append)
-    status, _, body = request(stats_server, "GET", "/metrics")
-    assert status == 500
-    assert body == b"stats unavailable: the proxy could not take a snapshot\n"
-    assert lines == [f"Stats on {stats_server.url}",
-                     "stats: cannot serve /metrics: RuntimeError: registry gone"]
+    stats_server = serve(broken, logger=records.logger, max_age=WAIT)
+    for path in ("/metrics", "/stats.json", "/"):
+        status, _, body = request(stats_server, "GET", path)
+        assert status == 500
+        assert body == b"stats unavailable: the proxy could not take a snapshot\n"
+    assert calls == [1]  # the failure is shared, not asked for again at once
+    assert records.seen == [
+        ("INFO", "stats_listening", {"url": stats_server.url}, f"Stats on {stats_server.url}"),
+        ("WARNING", "stats_unavailable",
+         {"path": "/metrics", "error": "RuntimeError", "reason": "registry gone"},
+         "stats: cannot serve /metrics: RuntimeError: registry gone")]
     assert request(stats_server, "GET", "/nope")[0] == 404  # still serving
 
 
 # --- The listener -------------------------------------------------------------------
 
 def test_port_url_and_ready_line(serve):
-    lines = []
-    stats_server = serve(make_snapshot, log=lines.append)
+    records = Records()
+    stats_server = serve(make_snapshot, logger=records.logger)
     assert stats_server.port > 0
     assert stats_server.url == f"http://127.0.0.1:{stats_server.port}/"
-    assert lines == [f"Stats on http://127.0.0.1:{stats_server.port}/"]
+    url = f"http://127.0.0.1:{stats_server.port}/"
+    assert records.seen == [("INFO", "stats_listening", {"url": url}, f"Stats on {url}")]
 
 
 def ipv6_loopback():
@@ -233,47 +268,349 @@ def test_ipv6_loopback(serve):
 def test_busy_port_raises_oserror(serve):
     stats_server = serve(make_snapshot)
     with pytest.raises(OSError):
-        stats.StatsServer(("127.0.0.1", stats_server.port), make_snapshot)
+        stats.StatsServer(("127.0.0.1", stats_server.port), make_snapshot, never)
 
 
-def test_a_silent_client_is_dropped_after_the_read_timeout(serve):
-    stats_server = serve(make_snapshot, read_timeout=0.2)
-    with socket.create_connection(("127.0.0.1", stats_server.port), timeout=WAIT) as silent:
-        assert silent.recv(1) == b""  # closed by the server, well before WAIT
+def never():
+    return False
 
 
-def test_connections_past_the_cap_get_503(serve):
-    stats_server = serve(make_snapshot, max_connections=2, read_timeout=WAIT)
-    held = [socket.create_connection(("127.0.0.1", stats_server.port), timeout=WAIT)
-            for _ in range(2)]
+def connect(stats_server):
+    return socket.create_connection(("127.0.0.1", stats_server.port), timeout=WAIT)
+
+
+def receive_all(sock):
+    """Every byte ``sock`` receives until the server closes it (each read bounded)."""
+    answer = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
+
+
+def raw(stats_server, data):
+    """Send ``data`` on a fresh connection; return what comes back until the close."""
+    with connect(stats_server) as sock:
+        sock.sendall(data)
+        return receive_all(sock)
+
+
+def test_a_silent_client_gets_408_at_the_request_deadline(serve):
+    stats_server = serve(make_snapshot, request_timeout=0.2)
+    with connect(stats_server) as silent:
+        answer = receive_all(silent)  # well before WAIT
+    assert answer.startswith(b"HTTP/1.0 408 Request Timeout\r\n")
+    assert answer.endswith(b"\r\n\r\nthe request did not come whole within 0.2 s\n")
+
+
+def test_a_request_trickling_in_gets_408_at_the_deadline_of_the_whole_request(serve):
+    # A slowloris: a byte at a time, each well within any per-read timeout. The
+    # deadline counts from the connection, not from the last byte.
+    stats_server = serve(make_snapshot, request_timeout=0.5)
+    stop = threading.Event()
+    with connect(stats_server) as slow:
+        slow.sendall(b"GET /healthz HTTP/1.0\r\nX-Slow: ")
+
+        def trickle():
+            try:
+                while not stop.wait(0.05):  # the attacker's pace, not a wait on the server
+                    slow.send(b"x")
+            except OSError:
+                pass
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            answer = receive_all(slow)
+        finally:
+            stop.set()
+            thread.join(WAIT)
+    assert answer.startswith(b"HTTP/1.0 408 Request Timeout\r\n")
+
+
+def test_junk_without_a_line_end_gets_408_at_the_deadline(serve):
+    stats_server = serve(make_snapshot, request_timeout=0.3)
+    answer = raw(stats_server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # TLS
+    assert answer.startswith(b"HTTP/1.0 408 Request Timeout\r\n")
+
+
+def test_an_http_0_9_request_is_answered_at_once_without_waiting_for_headers(serve):
+    # HTTP/0.9 has no headers: its request line is the whole request. The deadline
+    # is far beyond every read of the test, so only an answer at once passes.
+    stats_server = serve(make_snapshot, request_timeout=3 * WAIT)
+    assert raw(stats_server, b"GET /healthz\r\n") == b"ok\n"  # 0.9: the body alone
+    # A 0.9 request other than GET is refused at once (as a 0.9 answer: no status line).
+    assert b"<p>Error code: 400</p>" in raw(stats_server, b"HEAD /healthz\r\n")
+
+
+@pytest.mark.parametrize("length, status", [(stats.LINE_LIMIT, 404), (stats.LINE_LIMIT + 1, 414)])
+def test_the_request_line_may_be_8_kib(serve, length, status):
+    stats_server = serve(make_snapshot)
+    line = b"GET /" + b"a" * (length - len(b"GET / HTTP/1.0\r\n")) + b" HTTP/1.0\r\n"
+    assert len(line) == length
+    answer = raw(stats_server, line + b"\r\n")
+    assert answer.startswith(f"HTTP/1.0 {status} ".encode())
+    if status == 414:
+        assert answer.endswith(b"\r\n\r\nrequest line longer than 8192 bytes\n")
+
+
+@pytest.mark.parametrize("length, status", [(stats.LINE_LIMIT, 200), (stats.LINE_LIMIT + 1, 431)])
+def test_each_header_line_may_be_8_kib(serve, length, status):
+    stats_server = serve(make_snapshot)
+    header = b"X-Big: " + b"b" * (length - len(b"X-Big: \r\n")) + b"\r\n"
+    assert len(header) == length
+    answer = raw(stats_server, b"GET /healthz HTTP/1.0\r\n" + header + b"\r\n")
+    assert answer.startswith(f"HTTP/1.0 {status} ".encode())
+    if status == 431:
+        assert answer.endswith(b"\r\n\r\nheader line longer than 8192 bytes\n")
+
+
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 431)])
+def test_the_request_head_may_be_32_kib(serve, extra, status):
+    stats_server = serve(make_snapshot)
+    request_line = b"GET /healthz HTTP/1.0\r\n"
+    line = b"X-H: " + b"h" * 8000 + b"\r\n"
+    headers = [line] * 4
+    last = stats.HEAD_LIMIT + extra - len(request_line) - 4 * len(line) - len(b"\r\n")
+    headers.append(b"X-L: " + b"l" * (last - len(b"X-L: \r\n")) + b"\r\n")
+    head = request_line + b"".join(headers) + b"\r\n"
+    assert len(head) == stats.HEAD_LIMIT + extra
+    answer = raw(stats_server, head)
+    assert answer.startswith(f"HTTP/1.0 {status} ".encode())
+    if status == 431:
+        assert answer.endswith(b"\r\n\r\nrequest line and headers longer than 32768 bytes\n")
+
+
+def test_a_new_connection_takes_the_slot_of_the_oldest_one_still_sending(serve):
+    stats_server = serve(make_snapshot, max_connections=2, request_timeout=3 * WAIT)
+    oldest, younger = connect(stats_server), connect(stats_server)
     try:
-        with socket.create_connection(("127.0.0.1", stats_server.port), timeout=WAIT) as third:
-            answer = b""
-            while chunk := third.recv(4096):
-                answer += chunk
+        oldest.sendall(b"GET /heal")  # a request that has not come whole
+        assert request(stats_server, "GET", "/healthz")[::2] == (200, b"ok\n")
+        assert oldest.recv(1) == b""  # closed to make room, without an answer
+        younger.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # it kept its slot
+        assert receive_all(younger).endswith(b"\r\n\r\nok\n")
+    finally:
+        oldest.close()
+        younger.close()
+
+
+def test_healthz_stays_truthful_while_slow_readers_hold_every_slot(serve):
+    stats_server = serve(make_snapshot, max_connections=3, request_timeout=3 * WAIT)
+    slow = [connect(stats_server) for _ in range(3)]
+    try:
+        for sock in slow:
+            sock.sendall(b"G")
+        for _ in range(5):
+            assert request(stats_server, "GET", "/healthz")[::2] == (200, b"ok\n")
+        assert slow[0].recv(1) == b""
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_connections_past_the_cap_get_503_only_while_every_slot_is_answering(serve):
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def draining():
+        entered.release()
+        release.wait(WAIT)
+        return False
+
+    stats_server = serve(make_snapshot, draining=draining, max_connections=2)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        request(stats_server, "GET", "/healthz")[::2])) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in threads:
+            assert entered.acquire(timeout=WAIT)  # both are being answered
+        answer = raw(stats_server, b"GET /healthz HTTP/1.0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
         assert answer.endswith(b"\r\n\r\ntoo many stats readers\n")
     finally:
-        for sock in held:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+    assert answers == [(200, b"ok\n")] * 2
+
+
+def test_the_listen_backlog_holds_a_burst_of_300_connections():
+    # Not started: nothing accepts, so every connection must wait in the backlog.
+    # With socketserver's default of 5, most connects would wait for SYN retries.
+    stats_server = stats.StatsServer(("127.0.0.1", 0), make_snapshot, never)
+    socks = [socket.socket() for _ in range(300)]
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            assert sock.connect_ex(("127.0.0.1", stats_server.port)) in (
+                0, errno.EINPROGRESS)
+        waiting = set(socks)
+        deadline = time.monotonic() + WAIT
+        while waiting:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{len(waiting)} of 300 connects did not complete"
+            _, writable, _ = select.select([], list(waiting), [], left)
+            for sock in writable:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                waiting.discard(sock)
+    finally:
+        for sock in socks:
             sock.close()
-    # The slots come back as the two handlers see their connections close.
-    deadline = time.monotonic() + WAIT
-    while request(stats_server, "GET", "/healthz")[0] != 200:
-        assert time.monotonic() < deadline, "the connection slots did not come back"
-        threading.Event().wait(0.01)
+        stats_server.close()
 
 
 def test_close_is_safe_twice_and_before_start():
-    stats_server = stats.StatsServer(("127.0.0.1", 0), make_snapshot)
+    stats_server = stats.StatsServer(("127.0.0.1", 0), make_snapshot, never)
     stats_server.close()
     stats_server.close()
-    started = stats.StatsServer(("127.0.0.1", 0), make_snapshot)
+    started = stats.StatsServer(("127.0.0.1", 0), make_snapshot, never)
     started.start()
     port = started.port
     started.close()
     started.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+
+
+# --- Shared snapshots ---------------------------------------------------------------
+
+class Counted:
+    """A snapshot callable that counts its calls and the most of them running at
+    once; ``hold`` makes each call wait until ``release`` is set."""
+
+    def __init__(self, hold=False, fail=False):
+        self.calls = 0
+        self.running = 0
+        self.most = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.hold = hold
+        self.fail = fail
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            self.calls += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.entered.set()
+        if self.hold:
+            self.release.wait(WAIT)
+        with self._lock:
+            self.running -= 1
+        if self.fail:
+            raise RuntimeError("loop stalled")
+        return make_snapshot(served=(self.calls, 4, 7, 3))
+
+
+def test_requests_within_max_age_share_one_snapshot(serve):
+    snapshots = Counted()
+    stats_server = serve(snapshots, max_age=3 * WAIT)
+    bodies = [request(stats_server, "GET", path)[2]
+              for path in ("/stats.json", "/metrics", "/", "/stats.json", "/metrics")]
+    assert snapshots.calls == 1
+    assert bodies[0] == bodies[3] and bodies[1] == bodies[4]  # rendered once, too
+    assert json.loads(bodies[0])["policies"][0]["servers"][0]["served"] == 1
+
+
+def test_with_max_age_0_each_request_gets_a_snapshot_taken_after_it_came(serve):
+    snapshots = Counted()
+    stats_server = serve(snapshots, max_age=0)
+    served = [json.loads(request(stats_server, "GET", "/stats.json")[2])
+              ["policies"][0]["servers"][0]["served"] for _ in range(3)]
+    assert served == [1, 2, 3]
+
+
+def test_one_snapshot_at_a_time_and_the_requests_that_wait_share_it(serve):
+    snapshots = Counted(hold=True)
+    stats_server = serve(snapshots, max_age=3 * WAIT)
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(
+        request(stats_server, "GET", "/stats.json")))
+    first.start()
+    assert snapshots.entered.wait(WAIT)
+    others = [threading.Thread(target=lambda: answers.append(
+        request(stats_server, "GET", "/stats.json"))) for _ in range(5)]
+    for thread in others:
+        thread.start()
+    snapshots.release.set()
+    for thread in [first, *others]:
+        thread.join(WAIT)
+    assert snapshots.calls == 1 and snapshots.most == 1
+    assert len(answers) == 6 and len({(status, body) for status, _, body in answers}) == 1
+
+
+def test_a_request_waits_for_a_snapshot_being_taken_at_most_snapshot_wait(serve, monkeypatch):
+    monkeypatch.setattr(stats, "SNAPSHOT_WAIT", 0.2)
+    snapshots = Counted(hold=True)
+    stats_server = serve(snapshots)
+    first = threading.Thread(target=request, args=(stats_server, "GET", "/metrics"))
+    first.start()
+    try:
+        assert snapshots.entered.wait(WAIT)
+        status, headers, body = request(stats_server, "GET", "/stats.json")
+        assert (status, headers["Retry-After"]) == (503, "1")
+        assert body == b"stats busy: a snapshot is still being taken; try again\n"
+    finally:
+        snapshots.release.set()
+        first.join(WAIT)
+    assert snapshots.calls == 1
+
+
+# --- Bounded names ------------------------------------------------------------------
+
+def test_shorten_keeps_names_below_128_characters():
+    assert stats.shorten("100") == "100"
+    assert stats.shorten("\u65e5" * 127) == "\u65e5" * 127
+
+
+@pytest.mark.parametrize("length", [128, 129, 1 << 20])
+def test_shorten_cuts_longer_names_to_128_characters_ending_in_a_hash(length):
+    name = "s" * (length - 1) + "\u00e9"
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+    assert stats.shorten(name) == "s" * 95 + "\u2026" + digest
+    assert len(stats.shorten(name)) == 128
+
+
+def test_shortened_names_stay_apart():
+    common = "p" * 500
+    assert stats.shorten(common + "1") != stats.shorten(common + "2")
+    # A name kept as it is never equals a shortened one: their lengths differ.
+    long_name = "q" * 200
+    assert stats.shorten(stats.shorten(long_name)) != stats.shorten(long_name)
+
+
+def test_every_output_shows_the_same_bounded_names(serve):
+    # The breaker's case: ids as long as a frame made /metrics 220 MB a scrape.
+    ids = ["x" * 400_000 + str(n) for n in range(3)]
+    snapshot = make_snapshot()
+    snapshot["policies"][0]["servers"] = [server(server_id, 2105 + n, served=1)
+                                          for n, server_id in enumerate(ids)]
+    snapshot["policies"][0]["policy"] = "y" * 300_000
+    stats_server = serve(lambda: snapshot)
+    shown_ids = [stats.shorten(server_id) for server_id in ids]
+    policy = stats.shorten("y" * 300_000)
+
+    text = request(stats_server, "GET", "/metrics")[2].decode()
+    assert len(text) < 100_000
+    labels = {(sample.labels["policy"], sample.labels["server"])
+              for family in text_string_to_metric_families(text)
+              if family.name == "rproxy_packets" for sample in family.samples}
+    assert labels == {(policy, shown) for shown in shown_ids} | {
+        ("222", "200"), ("222", "400")}
+
+    document = json.loads(request(stats_server, "GET", "/stats.json")[2])
+    assert [s["id"] for s in document["policies"][0]["servers"]] == shown_ids
+    assert document["policies"][0]["policy"] == policy
+
+    page = request(stats_server, "GET", "/")[2].decode()
+    assert len(page) < 100_000
+    assert [row for row in re.findall(r'data-server="([^"]*)"', page)][:3] == shown_ids
+    assert snapshot["policies"][0]["servers"][0]["id"] == ids[0]  # the caller's is kept
 
 
 # --- In a real browser --------------------------------------------------------------
@@ -333,7 +670,7 @@ class Changing:
 @needs_chromium
 def test_page_updates_in_place_in_a_browser(serve, tmp_path):
     snapshots = Changing()
-    stats_server = serve(snapshots)
+    stats_server = serve(snapshots, max_age=0)  # virtual time: polls come at once
     dom = chromium(tmp_path, stats_server.url, "--dump-dom")
     assert snapshots.calls >= 3  # the page, then at least two polls
     assert re.findall(r'data-f="served">([\d,]+)<', dom) == ["7", "6", "9", "5"]
@@ -369,7 +706,7 @@ def test_page_says_stats_unavailable_when_a_poll_fails(serve, tmp_path):
             raise RuntimeError("proxy gone")
         return make_snapshot()
 
-    stats_server = serve(first_only)
+    stats_server = serve(first_only, max_age=0)
     dom = chromium(tmp_path, stats_server.url, "--dump-dom")
     assert len(calls) >= 2
     assert re.search(r'class="status bad"[^>]*>stats unavailable \(HTTP 500\); retrying<', dom)
@@ -380,7 +717,7 @@ def test_page_says_stats_unavailable_when_a_poll_fails(serve, tmp_path):
 @needs_chromium
 @pytest.mark.parametrize("size", ["1280,700", "390,1200"])
 def test_page_screenshot(serve, tmp_path, size):
-    stats_server = serve(Changing())
+    stats_server = serve(Changing(), max_age=0)
     shot = tmp_path / f"stats-{size.replace(',', 'x')}.png"
     chromium(tmp_path, stats_server.url, f"--window-size={size}", f"--screenshot={shot}")
     width, height = (int(n) for n in size.split(","))
@@ -388,3 +725,26 @@ def test_page_screenshot(serve, tmp_path, size):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (
         width, height)
+
+
+@needs_chromium
+def test_long_names_wrap_instead_of_widening_the_page(tmp_path):
+    # The breaker's case: at 1280 px an id of 34 characters pushed the p99 column
+    # out of sight. The longest served name is 128 characters (shorten).
+    snapshot = make_snapshot(extra_server=server(stats.shorten("server-" + "x" * 300), 2125,
+                                                 served=1))
+    snapshot["policies"][0]["policy"] = stats.shorten("policy-" + "y" * 300)
+    probe = ("<script>window.addEventListener('load', function () {"
+             "var over = 0, root = document.documentElement;"
+             "document.querySelectorAll('.scroll').forEach(function (el) {"
+             "over = Math.max(over, el.scrollWidth - el.clientWidth); });"
+             "over = Math.max(over, root.scrollWidth - root.clientWidth);"
+             "document.querySelectorAll('td[data-f=p99]').forEach(function (td) {"
+             "over = Math.max(over, Math.ceil(td.getBoundingClientRect().right) - "
+             "root.clientWidth); });"
+             "document.title = 'overflow ' + over; });</script>")
+    path = tmp_path / "page.html"
+    path.write_text(stats.render_page(snapshot).replace("</body>", probe + "</body>"),
+                    encoding="utf-8")
+    dom = chromium(tmp_path, path.as_uri(), "--window-size=1280,700", "--dump-dom")
+    assert "<title>overflow 0</title>" in dom
