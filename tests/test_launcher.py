@@ -1,21 +1,30 @@
 """Tests of the demo launcher, main_linux (README, "The demo").
 
 * The window layout is pure (``grid``, ``xterm_command``): checked for the usual
-  screens, without a display.
+  screens, without a display. The stop signals' handling (``StopSignals``) is
+  checked in this process, with real signals.
 * Headless runs: the summary, the stats page's address, the logs, ``-hold`` until
-  SIGINT or SIGTERM with every node still serving, the busy-port check, the range of
-  ``-port``.
-* Window mode under Xvfb with xterm: eleven windows titled by node, on the screen and
-  not overlapping, still open after the summary (hold is the default), a screenshot;
-  Ctrl-C stops every node and closes every window. Skipped, naming the Debian packages,
-  where Xvfb, xterm, x11-utils or ImageMagick is missing.
+  SIGINT or SIGTERM with every node still serving; SIGHUP, SIGQUIT, and any stop
+  signal before the summary, stop every node with 128 + N; a terminal that closes
+  (a pty hung up) does too; ``nohup`` keeps it running.
+* The command line and the output: the busy-port check, ``-port`` and its range,
+  ``--help`` and the demo into a closed pipe (141, no traceback), a latin-1 stdout, a
+  logs/ that cannot be written.
+* Window mode under Xvfb with xterm: eleven windows titled by node, on the screen
+  (their borders too) and not overlapping, still open after the summary (hold is the
+  default), a screenshot; Ctrl-C stops every node and closes every window. Skipped,
+  naming the Debian packages, where Xvfb, xterm, x11-utils or ImageMagick is missing.
 
 The demo uses fixed ports, BASE to BASE+25 as in the assignment, so port 0 does not
 apply: each test picks a base whose six ports are free, below Linux's ephemeral range
-(32768-60999) where other tests' port-0 listeners and connections live. Every run is
-stopped and every process it left is killed by PID at the end of its test.
+(32768-60999) where other tests' port-0 listeners and connections live. Tests that read
+the logs or change the demo's files run a copy of it in their tmp_path, so that two
+runs at once (two workers) never share logs/. Every run is stopped and every process
+it left is killed by PID at the end of its test.
 """
 
+import fcntl
+import glob
 import importlib.util
 import os
 import random
@@ -25,13 +34,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import termios
 import time
 import urllib.request
 from importlib.machinery import SourceFileLoader
 
 import pytest
 
-from conftest import ROOT, WAIT, Node, run
+from conftest import PYTHON, ROOT, WAIT, Node, run
 
 _loader = SourceFileLoader("main_linux", os.path.join(ROOT, "main_linux"))
 launcher = importlib.util.module_from_spec(importlib.util.spec_from_loader("main_linux", _loader))
@@ -53,7 +63,7 @@ client  policy  answered by server  hash correct
 All six clients verified their hash.
 """
 SCREEN = (1280, 800)
-X_TOOLS = ("Xvfb", "xterm", "xwininfo", "import")
+X_TOOLS = ("Xvfb", "xterm", "xwininfo", "import", "convert")
 X_PACKAGES = "apt-get install xvfb xterm x11-utils imagemagick"
 
 
@@ -108,19 +118,30 @@ class Launchers:
     def __init__(self):
         self.runs = []
 
-    def start(self, base, *options):
-        node = Node(["main_linux", "-port", str(base), *options], name="main_linux")
-        self.runs.append((node, base))
+    def start(self, base, *options, preexec=None):
+        """A run whose output is collected (a conftest Node)."""
+        node = Node(["main_linux", "-port", str(base), *options], name="main_linux",
+                    preexec=preexec)
+        self.runs.append((node.proc, base))
         return node
 
+    def popen(self, base, *options, **popen_args):
+        """A run with the stdio of ``popen_args`` (subprocess.Popen's)."""
+        proc = subprocess.Popen([PYTHON, "main_linux", "-port", str(base), *options],
+                                cwd=ROOT, **popen_args)
+        self.runs.append((proc, base))
+        return proc
+
     def cleanup(self):
-        for node, base in self.runs:
-            node.signal(signal.SIGTERM)
+        for proc, base in self.runs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             try:
-                node.wait(STOP_TIMEOUT)
+                proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                node.kill()
-            for pid in leftovers(base, node.proc.pid):
+                proc.kill()
+                proc.wait(WAIT)
+            for pid in leftovers(base, proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -146,14 +167,31 @@ def assert_held_and_serving(node, base):
     assert node.proc.poll() is None
 
 
-def assert_stops(node, signum, base):
-    """``signum`` stops the launcher with the summary's status, 0, and no process of
-    the run is left."""
+@pytest.fixture
+def demo_copy(tmp_path):
+    """A copy of the demo (main_linux, the programs, pktfiles/) in tmp_path, without
+    logs/; returns its directory."""
+    copy = tmp_path / "demo"
+    shutil.copytree(os.path.join(ROOT, "pktfiles"), copy / "pktfiles")
+    for path in [os.path.join(ROOT, "main_linux"), *glob.glob(os.path.join(ROOT, "*.py"))]:
+        shutil.copy2(path, copy)
+    return copy
+
+
+def assert_nothing_left(base, launcher_pid=None):
+    wait_until(lambda: not leftovers(base, launcher_pid),
+               lambda: f"processes of the run not gone: {leftovers(base, launcher_pid)}")
+
+
+def assert_stops(node, signum, base, status=0):
+    """``signum`` stops the launcher with ``status`` (the summary's, 0, by default),
+    saying so in one line, and no process of the run is left."""
     node.signal(signum)
-    assert node.wait(STOP_TIMEOUT) == 0, node.output
-    assert "main_linux: stopping every node" in node.lines
-    wait_until(lambda: not leftovers(base, node.proc.pid),
-               lambda: f"processes of the run not gone: {leftovers(base, node.proc.pid)}")
+    assert node.wait(STOP_TIMEOUT) == status, node.output
+    said = [line for line in node.lines if line.startswith("main_linux")]
+    assert said == [f"main_linux: {signal.Signals(signum).name} received; every node "
+                    "stopped"], node.output
+    assert_nothing_left(base, node.proc.pid)
 
 
 # ---- the window layout, pure ----
@@ -209,19 +247,79 @@ def overlap(a, b):
             a[1] < b[1] + b[3] and b[1] < a[1] + a[3])
 
 
+# ---- the stop signals, in this process ----
+
+@pytest.fixture
+def stop_signals():
+    """A StopSignals installed in this process; the handlers before it are restored."""
+    before = {signum: signal.getsignal(signum) for signum in launcher.STOP_SIGNALS}
+    signals = launcher.StopSignals()
+    signals.install()
+    yield signals
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_the_first_stop_signal_raises_stop_and_later_ones_are_absorbed(stop_signals):
+    with pytest.raises(launcher.Stop) as stop:
+        signal.raise_signal(signal.SIGHUP)
+    assert stop.value.signum == signal.SIGHUP
+    signal.raise_signal(signal.SIGINT)  # while the nodes stop: nothing happens
+    assert stop_signals.first == signal.SIGHUP
+
+
+def test_a_stop_signal_during_a_start_is_raised_at_its_end(stop_signals):
+    recorded = []
+    with pytest.raises(launcher.Stop) as stop:
+        with stop_signals.deferred():
+            signal.raise_signal(signal.SIGQUIT)
+            recorded.append("node")  # the node started is recorded, to be stopped
+    assert (recorded, stop.value.signum) == (["node"], signal.SIGQUIT)
+
+
+def test_once_the_nodes_stop_every_stop_signal_is_absorbed(stop_signals):
+    stop_signals.absorb()
+    for signum in launcher.STOP_SIGNALS:
+        signal.raise_signal(signum)
+    assert stop_signals.first == 0
+
+
+def test_a_sighup_ignored_from_the_start_stays_ignored():
+    # nohup: the demo outlives the terminal. SIGINT ignored (a shell's background
+    # job) is caught all the same.
+    before = {signum: signal.getsignal(signum) for signum in launcher.STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signals = launcher.StopSignals()
+        signals.install()
+        signal.raise_signal(signal.SIGHUP)
+        assert signals.first is None
+        with pytest.raises(launcher.Stop) as stop:
+            signal.raise_signal(signal.SIGINT)
+        assert stop.value.signum == signal.SIGINT
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 # ---- headless ----
 
-def test_headless_demo_prints_summary_and_stats_page_then_stops():
+def plain_lines(output):
+    """The launcher's own lines of ``output``: without the nodes' ("[name] ...")."""
+    return "".join(line + "\n" for line in output.splitlines() if not line.startswith("["))
+
+
+def test_headless_demo_prints_summary_and_stats_page_then_stops(demo_copy):
     base = free_base()
-    result = run("main_linux", "-headless", "-port", base, timeout=RUN_TIMEOUT)
+    result = run(demo_copy / "main_linux", "-headless", "-port", base, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
-    plain = "".join(line + "\n" for line in result.stdout.splitlines()
-                    if not line.startswith("["))
-    assert plain == (f"\n{SUMMARY}Stats page: http://127.0.0.1:{base + 25}/ "
-                     "(the nodes stop now: -hold keeps them running)\n")
+    assert plain_lines(result.stdout) == (
+        f"\n{SUMMARY}Stats page: http://127.0.0.1:{base + 25}/ "
+        "(the nodes stop now: -hold keeps them running)\n")
     assert "[client1]    Hash of payload is correct\n" in result.stdout
     assert f"[proxy]      Running the reverse proxy on port {base}\n" in result.stdout
-    with open(os.path.join(ROOT, "logs", "client1.log"), encoding="utf-8") as log:
+    with open(demo_copy / "logs" / "client1.log", encoding="utf-8") as log:
         assert log.read().endswith("Hash of payload is correct\n")
     assert leftovers(base) == []
 
@@ -237,6 +335,80 @@ def test_hold_keeps_nodes_running_until_a_signal(launchers, signum):
     assert_stops(node, signum, base)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_sighup_or_sigquit_ends_a_hold_with_128_plus_its_number(launchers, signum):
+    # kill -HUP (the shell of a closed terminal), Ctrl-\: not how a hold is meant to
+    # end, so the status is the signal's, as a shell reports it; every node stops.
+    base = free_base()
+    node = launchers.start(base, "-headless", "-hold")
+    node.wait_for("^Stats page: ", RUN_TIMEOUT)
+    assert_stops(node, signum, base, status=128 + signum)
+
+
+@pytest.mark.parametrize("signum", launcher.STOP_SIGNALS,
+                         ids=[sig.name for sig in launcher.STOP_SIGNALS])
+def test_a_stop_signal_before_the_summary_stops_every_node_with_128_plus_n(
+        launchers, signum):
+    base = free_base()
+    node = launchers.start(base, "-headless")
+    node.wait_for(r"^\[proxy\] +Running the reverse proxy on port")
+    assert_stops(node, signum, base, status=128 + signum)
+    assert not any(line.startswith("All six") for line in node.lines), node.output
+
+
+def read_until(fd, marker, timeout):
+    """Read ``fd`` until ``marker`` (bytes) appears, for up to ``timeout`` seconds;
+    return what was read (an EOF or EIO, a hung-up pty's end, ends it too)."""
+    data, deadline = b"", time.monotonic() + timeout
+    while marker not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_closing_the_terminal_stops_every_node_with_129(launchers):
+    # The launcher runs in a pty that is its controlling terminal; closing the pty's
+    # master end hangs it up: the kernel sends SIGHUP, and every write then fails
+    # with EIO, which must not end the launcher before it stops its nodes.
+    base = free_base()
+    master, slave = os.openpty()
+    try:
+        proc = launchers.popen(
+            base, "-headless", "-hold", stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    finally:
+        os.close(slave)
+    try:
+        output = read_until(master, b"Stats page: ", RUN_TIMEOUT)
+        assert b"Stats page: " in output, output[-2000:]
+    finally:
+        os.close(master)
+    assert proc.wait(STOP_TIMEOUT) == 128 + signal.SIGHUP
+    assert_nothing_left(base, proc.pid)
+
+
+def test_nohup_keeps_the_demo_running_when_the_terminal_closes(launchers):
+    base = free_base()
+    node = launchers.start(base, "-headless", "-hold",
+                           preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    node.wait_for("^Stats page: ", RUN_TIMEOUT)
+    node.signal(signal.SIGHUP)
+    assert_held_and_serving(node, base)
+    # Had SIGHUP been caught, it would have been the first signal, named and 129.
+    assert_stops(node, signal.SIGTERM, base)
+
+
+# ---- the command line and the output ----
+
 def test_a_busy_port_is_reported_before_anything_starts():
     base = free_base()
     with socket.create_server(("127.0.0.1", base + 25)):
@@ -248,13 +420,94 @@ def test_a_busy_port_is_reported_before_anything_starts():
                              "-port\n")
 
 
-@pytest.mark.parametrize("port", ["0", "65511"])
-def test_base_port_out_of_range_is_a_usage_error(port):
+@pytest.mark.parametrize("port", ["0", "65511", "notaport", "2100.5", "\u0664\u0665"])
+def test_a_base_port_out_of_range_or_not_a_number_is_a_usage_error(port):
     result = run("main_linux", "-headless", "-port", port)
-    assert result.returncode == 2
-    assert result.stderr.endswith(
-        "main_linux: error: argument -port: the base port must be from 1 to 65510 "
-        f"(servers and the stats page use BASE+5 to BASE+25), got {port}\n")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "usage: main_linux [-h] [-port BASE] [-headless] [-hold | -no-hold]\n"
+        f"main_linux: error: argument -port: '{port}' is not a base port from 1 to "
+        "65510 (the servers and the stats page use BASE+5 to BASE+25)\n")
+
+
+def test_help_names_every_option_and_the_exit_statuses():
+    result = run("main_linux", "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith(
+        "usage: main_linux [-h] [-port BASE] [-headless] [-hold | -no-hold]\n")
+    assert "stats page BASE+25 (default: 2100)" in result.stdout
+    assert "128 + N when signal N stopped it" in " ".join(result.stdout.split())
+
+
+def test_help_into_a_closed_pipe_ends_quietly_with_141():
+    # `main_linux --help | head -n 1`, the pipe closed before the help is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([PYTHON, "main_linux", "--help"], cwd=ROOT, timeout=WAIT,
+                                stdin=subprocess.DEVNULL, stdout=write_end,
+                                stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, b"")
+
+
+def test_demo_piped_into_head_stops_every_node_and_ends_quietly_with_141(launchers):
+    # `main_linux | head -n 1`: the pipe closes after the first line, while the proxy
+    # starts. Not "the reverse proxy did not start", no traceback: 141.
+    base = free_base()
+    read_end, write_end = os.pipe()
+    try:
+        proc = launchers.popen(base, "-headless", stdin=subprocess.DEVNULL,
+                               stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    try:
+        first = read_line(read_end, RUN_TIMEOUT)
+    finally:
+        os.close(read_end)
+    assert first.startswith(b"[proxy]      "), first
+    _, errors = proc.communicate(timeout=STOP_TIMEOUT)
+    assert (proc.returncode, errors) == (141, b"")
+    assert_nothing_left(base)
+
+
+def test_a_latin_1_stdout_shows_non_ascii_escaped(demo_copy, monkeypatch):
+    (demo_copy / "pktfiles" / "1.json").write_text(
+        '{"type": "0", "srcid": "1", "privPoliId": "111", "payload": "\u65e5\u672c"}\n',
+        encoding="utf-8")
+    monkeypatch.setenv("PYTHONIOENCODING", "latin-1")
+    base = free_base()
+    result = run(demo_copy / "main_linux", "-headless", "-port", base, timeout=RUN_TIMEOUT)
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout + result.stderr
+    assert (f"[client1]    Sending message \\u65e5\\u672c to privacy policy 111 through "
+            f"reverse proxy running on port {base}\n") in result.stdout
+    assert plain_lines(result.stdout).startswith(f"\n{SUMMARY}")
+    # The logs keep the text itself, in UTF-8.
+    log = (demo_copy / "logs" / "client1.log").read_text(encoding="utf-8")
+    assert log.startswith("Sending message \u65e5\u672c to privacy policy 111")
+    assert leftovers(base) == []
+
+
+@pytest.mark.parametrize("how", ["logs is a file", "read-only directory"])
+def test_logs_that_cannot_be_written_are_one_line_and_status_1(demo_copy, how):
+    if how == "logs is a file":
+        (demo_copy / "logs").write_text("", encoding="utf-8")
+        why = "Not a directory"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root may write in a read-only directory (the case 'logs is a "
+                        "file' checks the same error path as root)")
+        why = "Permission denied"
+    demo_copy.chmod(0o555)
+    try:
+        result = run(demo_copy / "main_linux", "-headless", "-port", free_base())
+    finally:
+        demo_copy.chmod(0o755)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"main_linux: cannot write the nodes' logs in {demo_copy / 'logs'}: {why}; the "
+        "demo needs a writable directory there: run it from a writable copy\n")
 
 
 # ---- windows, under Xvfb ----
@@ -332,6 +585,15 @@ def png_size(path):
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
+def grey_levels(path, rect):
+    """The grey levels (0 to 255) of the pixels of ``rect`` (x, y, width, height) in
+    the image ``path``, row by row."""
+    x, y, width, height = rect
+    return list(subprocess.run(
+        ["convert", str(path), "-crop", f"{width}x{height}+{x}+{y}", "-colorspace", "gray",
+         "-depth", "8", "gray:-"], check=True, timeout=WAIT, capture_output=True).stdout)
+
+
 def test_windows_tile_the_screen_and_stay_until_ctrl_c(display, launchers, tmp_path):
     base = free_base()
     titles = sorted([f"proxy :{base}", "server 100 (policy 111)", "server 200 (policy 222)",
@@ -356,6 +618,12 @@ def test_windows_tile_the_screen_and_stay_until_ctrl_c(display, launchers, tmp_p
     subprocess.run(["import", "-window", "root", str(screenshot)], check=True,
                    timeout=WAIT, capture_output=True)
     assert png_size(screenshot) == SCREEN
+    # Without a window manager, the proxy's window, at the top left, shows its 1 px
+    # border (black) on the screen's first column and row, its inner border (white)
+    # next to it: the border is not off the screen, nor the window 1 px in.
+    (_, _, width, height), = [rect for _, rect in windows if rect[:2] == (0, 0)]
+    assert grey_levels(screenshot, (0, height // 2, 2, 1)) == [0, 255]
+    assert grey_levels(screenshot, (width // 2, 0, 1, 2)) == [0, 255]
 
     assert_held_and_serving(node, base)
     assert top_windows() == windows
