@@ -15,6 +15,12 @@ last frame the client half-closes (over plain TCP). One thread does both, becaus
 ``ssl.SSLSocket`` must not be read and written from two threads at once. The
 ``srcid`` of every packet is this client's ``-id``.
 
+With several proxies (``-revproc A,B``) it uses the first that accepts the connection:
+one that cannot be reached within ``-connect-timeout``, or whose first answer is its
+refusal (OVERLOADED: ``-max-conns`` reached), is skipped. When that connection fails
+before the last answer (closed, reset, silent or taking no bytes for ``-timeout``), the
+packets not answered yet go through the next proxy.
+
 With ``-bench SECONDS`` it is a load generator instead (``loadgen.py``): random
 payloads for the policies of the packet file, every hash checked, a progress line
 each second and a summary at the end.
@@ -28,6 +34,7 @@ packet file that cannot be read or holds no valid packet.
 import argparse
 import json
 import random
+import socket
 
 import cli
 import loadgen
@@ -127,9 +134,11 @@ def exchange(conn, packets, timeout, out, where, via=""):
     """Send ``packets`` pipelined on ``conn`` and check every answer.
 
     Args:
-        conn: a ``netio.Connection`` to the proxy.
+        conn: a ``netio.Connection`` to the proxy, whose ``send_timeout`` is
+            ``timeout``.
         packets: DATA messages.
-        timeout: seconds the proxy may stay silent while answers are owed.
+        timeout: seconds the proxy may stay silent while answers are owed, or take
+            no bytes of the packets sent.
         out: ``f(line, event)`` that prints one line (``cli.say``; ``event`` a
             ``cli.event(...)``).
         where: the proxy's ``host:port``, for the failure's text.
@@ -139,11 +148,12 @@ def exchange(conn, packets, timeout, out, where, via=""):
         int: how many answers were ACKs with the right hash.
 
     Raises:
-        ExchangeFailed: the proxy closed or reset the connection, stayed silent for
-            ``timeout`` seconds or sent what is not an answer, before the last answer.
+        ExchangeFailed: the proxy did not accept the connection (its refusal, see
+            ``loadgen.refusal``), closed or reset it, stayed silent or took nothing for
+            ``timeout`` seconds, or sent what is not an answer, before the last
+            answer.
     """
     correct = sent = index = 0
-    tls_hint = "" if conn.tls else " (a proxy that serves TLS needs -tls-ca)"
     try:
         for index, packet in enumerate(packets):
             while sent < len(packets) and sent - index < WINDOW:
@@ -151,26 +161,56 @@ def exchange(conn, packets, timeout, out, where, via=""):
                 sent += 1
                 if sent == len(packets):
                     conn.half_close()
-            answer = conn.receive(idle_timeout=timeout)
+            answer = conn.receive(idle_timeout=timeout, frame_timeout=timeout)
             if answer is None:
                 raise ExchangeFailed(f"the reverse proxy at {where} closed the connection "
-                                     f"after {index} of {len(packets)} answers{tls_hint}",
-                                     index, correct)
+                                     f"after {index} of {len(packets)} answers"
+                                     f"{tls_hint(conn)}", index, correct)
+            refused = loadgen.refusal(answer) if index == 0 else None
+            if refused:
+                raise ExchangeFailed(f"the reverse proxy at {where} did not accept the "
+                                     f"connection: {refused}", 0, 0)
             correct += report(answer, packet, out, via)
     except netio.ConnectionTimeout:
         reason = f"no answer from the reverse proxy at {where} within {timeout:g} s (-timeout)"
+    except socket.timeout:  # after ConnectionTimeout, a TimeoutError too (3.10+)
+        reason = (f"the reverse proxy at {where} took no bytes of the packets for "
+                  f"{timeout:g} s (-timeout)")
     except protocol.ProtocolError as exc:
-        reason = f"bad answer from the reverse proxy at {where}: {exc}"
-    except BrokenPipeError:
-        # The socket's EPIPE: a closed stdout never gets here (cli ends the program).
-        reason = (f"the reverse proxy at {where} closed the connection before every "
-                  f"packet was sent{tls_hint}")
+        reason = f"bad answer from the reverse proxy at {where}: {exc}{tls_hint(conn)}"
     except OSError as exc:
-        reason = (f"connection to the reverse proxy at {where} failed: "
-                  f"{netio.describe_error(exc)}{tls_hint}")
+        # A proxy that refuses the connection closes it at once: the packets sent
+        # meanwhile meet a reset, and its refusal may be waiting to be read.
+        refused = pending_refusal(conn) if index == 0 else None
+        if refused:
+            reason = f"the reverse proxy at {where} did not accept the connection: {refused}"
+        elif isinstance(exc, BrokenPipeError):
+            # The socket's EPIPE: a closed stdout never gets here (cli ends the program).
+            reason = (f"the reverse proxy at {where} closed the connection before every "
+                      f"packet was sent{tls_hint(conn)}")
+        else:
+            reason = (f"connection to the reverse proxy at {where} failed: "
+                      f"{netio.describe_error(exc)}{tls_hint(conn)}")
     else:
         return correct
     raise ExchangeFailed(reason, index, correct)
+
+
+def pending_refusal(conn):
+    """The refusal (see ``loadgen.refusal``) that ``conn`` has received and not read
+    yet, taken without waiting, or None. Never raises."""
+    try:
+        answer = conn.receive(deadline=netio.Deadline(0))
+    except (netio.ConnectionTimeout, protocol.ProtocolError, OSError):
+        return None
+    return None if answer is None else loadgen.refusal(answer)
+
+
+def tls_hint(conn):
+    """What to try when ``conn`` ended badly: ``loadgen.TLS_HINT`` when it is plain
+    TCP and what the proxy sent suggests a TLS server (``netio.may_speak_tls``),
+    else ""."""
+    return "" if conn.tls or not netio.may_speak_tls(conn.head) else loadgen.TLS_HINT
 
 
 def report(answer, packet, out, via):
@@ -205,6 +245,11 @@ def send_through(proxies, packets, args, tls):
     packet is answered, send the packets not answered yet through the next proxy
     (safe: an answer is a hash). Each packet is answered once in the output.
 
+    A proxy accepts when the TCP connection (and the TLS handshake) succeeds within
+    ``-connect-timeout`` and its first answer is not a refusal (``loadgen.refusal``).
+    The ``Sending message`` lines are printed once the connection is open, naming
+    the proxy it goes to.
+
     Returns:
         (correct, failures): how many answers were right, and one line per proxy
         that could not be reached or failed (the empty list when every packet was
@@ -215,11 +260,20 @@ def send_through(proxies, packets, args, tls):
     for host, port in proxies:
         where = netio.format_address((host, port))
         try:
-            conn = netio.connect(host, port, args.connect_timeout, args.max_frame, tls)
+            conn = netio.connect(host, port, args.connect_timeout, args.max_frame, tls,
+                                 send_timeout=args.timeout)
         except OSError as exc:
             failures.append(f"cannot reach the reverse proxy at {where}: "
                             f"{netio.describe_error(exc)}")
         else:
+            # The assignment's wording names the port of a proxy on this machine.
+            running_on = f"port {port}" if not several and host == "127.0.0.1" else where
+            for packet in remaining:
+                cli.say(f"Sending message {show(packet['payload'])} to privacy policy "
+                        f"{show(packet['privPoliId'])} through reverse proxy running on "
+                        f"{running_on}",
+                        cli.event("sent", payload=show(packet["payload"]),
+                                  policy=packet["privPoliId"], proxy=where))
             try:
                 correct += exchange(conn, remaining, args.timeout, cli.say, where,
                                     f" (via {where})" if several else "")
@@ -231,10 +285,10 @@ def send_through(proxies, packets, args, tls):
             finally:
                 conn.close()
         if several and (host, port) != proxies[-1]:
-            cli.say(f"{failures[-1]}; sending the {len(remaining)} packets not answered "
-                    "through the next reverse proxy",
-                    cli.event("failover", proxy=where, reason=failures[-1],
-                              packets=len(remaining)))
+            count = len(remaining)
+            cli.say(f"{failures[-1]}; sending the {count} packet{'s' if count != 1 else ''} "
+                    "not answered through the next reverse proxy",
+                    cli.event("failover", proxy=where, reason=failures[-1], packets=count))
     return correct, failures
 
 
@@ -320,16 +374,18 @@ def run_bench(args, packets, tls, parser):
     frames, hashes = loadgen.bench_frames(args.id, policies, payloads)
 
     out, err = cli.say, cli.print_error
-    where = ",".join(netio.format_address(address) for address in args.revproc)
     generator = loadgen.LoadGenerator(frames, hashes, args.size, args.id, args.depth, args.timeout,
                               args.max_frame, out, err)
     try:
-        generator.open(args.revproc, args.conns, args.idle, tls)
+        opened = generator.open(args.revproc, args.conns, args.idle, tls)
+        where = ",".join(netio.format_address(address) for address in opened)
+        skipped = "; ".join(f"{netio.format_address(address)} skipped: {why}"
+                            for address, why in generator.skipped.items())
         # Printed once every connection is open: the load starts now.
         out(f"load: {args.conns} connections x {args.depth} in flight"
             f"{f' (+{args.idle} idle)' if args.idle else ''}, {args.size}-byte payloads, "
             f"privacy policy {', '.join(show(p) for p in policies)}, {args.bench:g} s, "
-            f"to {where}{' over TLS' if tls else ''}")
+            f"to {where}{f' ({skipped})' if skipped else ''}{' over TLS' if tls else ''}")
         summary = generator.run(args.bench)
     except loadgen.BenchError as exc:
         err(f"client.py: {exc}")
@@ -365,18 +421,7 @@ def main(argv=None):
     if args.bench is not None:
         return run_bench(args, packets, tls, parser)
 
-    proxies = args.revproc
-    addresses = " or ".join(netio.format_address(proxy) for proxy in proxies)
-    if len(proxies) == 1 and proxies[0][0] == "127.0.0.1":
-        running_on = f"port {proxies[0][1]}"  # the assignment's wording
-    else:
-        running_on = addresses
-    for packet in packets:
-        cli.say(f"Sending message {show(packet['payload'])} to privacy policy "
-                f"{show(packet['privPoliId'])} through reverse proxy running on {running_on}",
-                cli.event("sent", payload=show(packet["payload"]),
-                          policy=packet["privPoliId"], proxy=addresses))
-    correct, failures = send_through(proxies, packets, args, tls)
+    correct, failures = send_through(args.revproc, packets, args, tls)
     if failures:
         cli.print_error("client.py: " + ("; ".join(failures) if len(failures) > 1
                                          else failures[0]))

@@ -14,9 +14,15 @@ It must leave the CPU to the programs it measures, so:
 * latencies are counted in a fixed histogram (``LatencyHistogram``), so any number
   of packets takes bounded memory.
 
-It prints a progress line each second and, at the end, a summary; it counts as
-errors every wrong hash, ERROR answer, answer it cannot read, and answer missing (a
-connection closed, or no answer within the timeout).
+Each connection goes to the first address that accepts it, starting from its place
+in the round robin over the addresses: one that refuses a connection (at the TCP
+level, or with the OVERLOADED refusal of a full proxy, see ``refusal``) is skipped from
+then on, with a warning.
+
+It prints a progress line each second (and one for the last part of a second) and,
+at the end, a summary; it counts as errors every wrong hash, ERROR answer, answer it
+cannot read, and answer missing (a connection closed, or no answer within the
+timeout). The first error of each kind is printed, and every lost connection.
 """
 
 import collections
@@ -44,6 +50,11 @@ POOL_BYTES = 4 << 20
 # characters so that every program's text handling is exercised, and none that JSON
 # escapes (a payload of N bytes makes a frame of N bytes plus the same overhead).
 PAYLOAD_CHARS = string.ascii_letters + string.digits + "    éßñ€中文✓😀"
+
+
+# Added to the reason a plain-TCP connection failed when the peer may be a TLS
+# server (``netio.may_speak_tls``).
+TLS_HINT = " (a proxy that serves TLS needs -tls-ca)"
 
 
 class BenchError(Exception):
@@ -144,18 +155,44 @@ def judge_answer(answer, expected_hash, srcid):
     """
     if not isinstance(answer, dict):
         return "unreadable answer", f"an answer that is not a JSON object: {show(answer)}"
-    kind = answer.get("type")
+    kind = message_type(answer.get("type"))
     if kind == MessageType.ERROR:
         code = show(answer.get("code"))
         return f"ERROR {code}", f"ERROR answer: {code}: {show(answer.get('message'), 200)}"
-    if kind != MessageType.ACK or isinstance(kind, bool):
-        return "unexpected answer", f"a message of type {show(kind)} instead of an ACK"
+    if kind != MessageType.ACK:
+        return "unexpected answer", (f"a message of type {show(answer.get('type'))} "
+                                     "instead of an ACK")
     if protocol.policy_text(answer.get("destid")) != srcid:
         return "ACK for another client", (f"an ACK for client {show(answer.get('destid'))} "
                                           f"instead of {show(srcid)}")
     if answer.get("payload") != expected_hash:
         return "wrong hash", (f"wrong hash from server {show(answer.get('srcid'))}: expected "
                               f"{expected_hash}, got {show(answer.get('payload'))}")
+    return None
+
+
+_TYPES = {**{kind.value: kind for kind in MessageType},
+          **{str(kind.value): kind for kind in MessageType}}
+
+
+def message_type(value):
+    """The ``MessageType`` that a decoded ``type`` field names, read as
+    ``protocol.validate_message`` reads it: the number, or its digit as a string
+    (PROTOCOL.md section 2); None for anything else."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return _TYPES.get(value)
+    return None
+
+
+def refusal(message):
+    """The text of a proxy's refusal of a connection, if ``message`` (a validated
+    message, the first one that came on the connection) is one: an OVERLOADED ERROR
+    without ``destid``, which a proxy with ``-max-conns`` connections open sends
+    before it closes a new one (PROTOCOL.md section 2; the OVERLOADED answer to one
+    DATA frame names the client in ``destid``). Else None."""
+    if (message["type"] == MessageType.ERROR and message["code"] == protocol.OVERLOADED
+            and "destid" not in message):
+        return f"{message['code']}: {message['message']}"
     return None
 
 
@@ -203,20 +240,37 @@ def open_file_limit(needed):
 # Connections being opened at once: enough to open a thousand in well under a second,
 # few enough not to overflow a listen backlog (socketserver's is 5, ours 511).
 OPENING = 32
+# Seconds of load after the last progress line below which the end of the load gets
+# no line of its own: a tick and the end that fall together print one line, as
+# redis-benchmark prints one line per interval.
+LAST_PART = 0.05
 
 
 class _LoadChannel(eventloop.Channel):
-    """One connection of the load; a sending one keeps ``depth`` frames in flight."""
+    """One connection of the load, to ``generator.addresses[at]``; a sending one keeps
+    ``depth`` frames in flight."""
 
-    def __init__(self, generator, number, host, port, sending, first):
-        super().__init__(generator.loop, None, netio.format_address((host, port)),
+    def __init__(self, generator, number, at, sending, first):
+        super().__init__(generator.loop, None, netio.format_address(generator.addresses[at]),
                          generator.max_frame, generator.tls)
+        self.decoder = netio.HeadDecoder(generator.max_frame)  # for hint()
         self.generator = generator
         self.number = number
-        self.address = (host, port)
+        self.at = at
         self.sending = sending
         self.next = first  # pool index of the next frame
         self.inflight = collections.deque()  # (pool index, time sent), oldest first
+        self.accepted = False  # a frame came that is not the proxy's refusal
+
+    def hint(self):
+        """``TLS_HINT`` when this plain-TCP connection failed in a way a TLS server
+        would make it fail (``netio.may_speak_tls``) and no connection to the same
+        address ever got a frame (then that peer speaks frames), else ""."""
+        generator = self.generator
+        if (generator.tls or self.at in generator.framed
+                or not netio.may_speak_tls(self.decoder.head)):
+            return ""
+        return TLS_HINT
 
     def connection_made(self):
         self.generator._opened(self)
@@ -226,14 +280,17 @@ class _LoadChannel(eventloop.Channel):
             self.generator._answers(self, bodies)
 
     def frame_error(self, exc):
-        self.generator._lost(self, f"bad answer frame: {exc.message}")
+        self.generator._lost(self, f"bad answer frame: {exc.message}{self.hint()}")
 
     def eof_received(self):
-        self.generator._lost(self, f"the peer closed the connection{self.generator.hint}")
+        self.generator._lost(self, f"the peer closed the connection{self.hint()}")
 
     def closed(self, exc):
         if exc is not None:
-            self.generator._lost(self, netio.describe_error(exc), exc)
+            # Not open yet: the connection was refused; no frame was sent to speak of.
+            opening = self not in self.generator.conns
+            self.generator._lost(self, netio.describe_error(exc) + ("" if opening
+                                                                    else self.hint()), exc)
 
 
 class LoadGenerator:
@@ -247,7 +304,12 @@ class LoadGenerator:
         depth: frames in flight per sending connection.
         timeout: seconds each connection may take to open, and each answer to come.
         max_frame: the largest answer accepted, bytes.
-        out, err: ``f(line)`` for progress lines, and for the first error of each kind.
+        out, err: ``f(line)`` for progress lines, and for errors (the first of each
+            kind, every lost connection, every address skipped).
+
+    Attributes:
+        skipped: ``{(host, port): why}``, the addresses skipped because they refused
+            a connection (filled by ``open`` and ``run``).
     """
 
     def __init__(self, frames, hashes, payload_size, srcid, depth, timeout, max_frame,
@@ -263,54 +325,109 @@ class LoadGenerator:
         self.err = err
         self.loop = eventloop.EventLoop()
         self.tls = None
-        self.hint = ""  # what to try when a connection fails
+        self.addresses = []
+        self.skipped = {}
+        self.framed = set()  # indexes of the addresses that sent a frame on a connection
         self.conns = set()  # every open connection
         self.senders = set()  # the open ones that send
         self.errors = 0
         self.error_kinds = collections.Counter()
         self.second = LatencyHistogram()
         self.total = LatencyHistogram()
+        self.running = False  # run() has begun
         self.sending = False
-        self._waiting = []  # connections still to open
+        self._waiting = []  # connections still to open: (number, sending, first frame)
         self._opening = 0
         self._failed = None
+        self._total = 0
 
     def open(self, addresses, conns, idle, tls):
-        """Open ``idle`` silent connections, then ``conns`` sending ones, spread over
-        ``addresses`` (``(host, port)`` tuples) round robin.
+        """Open ``idle`` silent connections, then ``conns`` sending ones. Connection
+        ``n`` (from 1) goes to the first of ``addresses`` (``(host, port)`` tuples)
+        that accepts it, from address ``n - 1`` round robin on; one that refuses a
+        connection is skipped by every later one (``skipped``).
+
+        Returns:
+            dict: ``{(host, port): connections opened there}``, in the order of
+            ``addresses``, without those that got none.
 
         Raises:
-            BenchError: a connection cannot be opened; the text names which and why.
+            BenchError: a connection cannot be opened at any address; the text names
+                which and why.
         """
         total = idle + conns
         open_file_limit(total + 64)  # 64: the interpreter's own files
         self.tls = tls
-        self.hint = "" if tls else " (a proxy that serves TLS needs -tls-ca)"
-        self._waiting = [
-            _LoadChannel(self, number, *addresses[(number - 1) % len(addresses)],
-                         number > idle, number * 7919 % len(self.frames))  # a prime
-            for number in range(total, 0, -1)]                             # spreads starts
+        self.addresses = list(addresses)
+        # A prime spreads the connections' first frames over the pool.
+        self._waiting = [(number, number > idle, number * 7919 % len(self.frames))
+                         for number in range(total, 0, -1)]
         self._total = total
         for _ in range(OPENING):
             self._open_next()
         self.loop.run()
         if self._failed:
             raise BenchError(self._failed)
+        opened = collections.Counter(channel.at for channel in self.conns)
+        return {address: opened[at] for at, address in enumerate(self.addresses)
+                if opened[at]}
 
     def _open_next(self):
         if self._waiting:
-            channel = self._waiting.pop()
+            number, sending, first = self._waiting.pop()
             self._opening += 1
-            channel.connect(*channel.address, self.timeout)
+            self._connect(number, sending, first, (number - 1) % len(self.addresses))
+
+    def _connect(self, number, sending, first, at):
+        # Open connection ``number`` at the first address from index ``at`` on that
+        # has not been skipped.
+        count = len(self.addresses)
+        for step in range(count):
+            index = (at + step) % count
+            if self.addresses[index] not in self.skipped:
+                channel = _LoadChannel(self, number, index, sending, first)
+                channel.connect(*self.addresses[index], self.timeout)
+                return
+        self._opening -= 1
+        if count == 1:
+            ((address, why),) = self.skipped.items()
+            text = (f"cannot open connection {number} of {self._total} to "
+                    f"{netio.format_address(address)}: {why}")
+        else:
+            text = (f"cannot open connection {number} of {self._total}: no reverse proxy "
+                    "accepted it (" + "; ".join(
+                        f"{netio.format_address(address)}: {self.skipped[address]}"
+                        for address in self.addresses) + ")")
+        if not self.running:
+            self._failed = self._failed or text
+            self.loop.stop()
+            return
+        self._error("connection refused", text, None, every=True)
+        if not self.senders and not self._opening:
+            self.loop.stop()
+
+    def _skip(self, channel, why):
+        """``channel`` was refused: skip its address from now on, and open the
+        connection again at the next address."""
+        address = self.addresses[channel.at]
+        if address not in self.skipped:
+            self.skipped[address] = why
+            if len(self.addresses) > 1:
+                self.err(f"client.py: connection {channel.number} to {channel.peer} "
+                         f"refused: {why}; using the other reverse proxies")
+        self._opening += 1
+        self._connect(channel.number, channel.sending, channel.next, channel.at)
 
     def _opened(self, channel):
         self._opening -= 1
         self.conns.add(channel)
         if channel.sending:
             self.senders.add(channel)
+            if self.sending:  # a connection opened again during the load
+                self._top_up(channel, self.loop.now)
         if self._waiting:
             self._open_next()
-        elif not self._opening:
+        elif not self._opening and not self.running:
             self.loop.stop()
 
     def close(self):
@@ -332,11 +449,11 @@ class LoadGenerator:
         loop = self.loop
         loop.now = start = eventloop.time.monotonic()
         self._start = self._last_tick = start
-        self.sending = True
+        self.running = self.sending = True
         for channel in list(self.senders):
             self._top_up(channel, start)
         loop.call_later(1, self._tick, 1)
-        loop.call_later(seconds, self._stop_sending)
+        loop.call_later(seconds, self._stop_sending, seconds)
         if self.senders:
             loop.run()
         elapsed = eventloop.time.monotonic() - start
@@ -351,14 +468,18 @@ class LoadGenerator:
             summary[name + "_ms"] = None if micros is None else micros / 1000
         return summary
 
+    def _progress(self, label, now):
+        # The progress line of the time since the last one, which ``label`` ends.
+        self.out(progress_line(label, self.second.count / (now - self._last_tick),
+                               self.second, self.errors))
+        self.total.merge(self.second)
+        self.second = LatencyHistogram()
+        self._last_tick = now
+
     def _tick(self, second):
         now = self.loop.now
         if self.sending:
-            self.out(progress_line(second, self.second.count / (now - self._last_tick),
-                                   self.second, self.errors))
-            self.total.merge(self.second)
-            self.second = LatencyHistogram()
-            self._last_tick = now
+            self._progress(second, now)
             self.loop.call_later(max(0.0, self._start + second + 1 - now), self._tick,
                                  second + 1)
         self._expire(now)
@@ -369,7 +490,12 @@ class LoadGenerator:
                 self._lost(channel, f"no answer within {self.timeout:g} s (-timeout)")
         self._maybe_done()
 
-    def _stop_sending(self):
+    def _stop_sending(self, seconds):
+        now = self.loop.now
+        # The last part of a second has its line too (time 3 s of -bench 3, time
+        # 2.5 s of -bench 2.5), unless the tick of that very moment printed it.
+        if now - self._last_tick >= LAST_PART:
+            self._progress(f"{seconds:g}", now)
         self.sending = False
         self.loop.call_later(self.timeout, self._expire, eventloop.time.monotonic() + 1e9)
         self._maybe_done()
@@ -389,6 +515,16 @@ class LoadGenerator:
             channel.next = index
 
     def _answers(self, channel, bodies):
+        if not channel.accepted:
+            self.framed.add(channel.at)
+            try:
+                refused = refusal(protocol.parse_message(bodies[0]))
+            except protocol.MessageError:
+                refused = None
+            if refused:
+                self._refused(channel, refused)
+                return
+            channel.accepted = True
         now = self.loop.now
         hashes, srcid, record = self.hashes, self.srcid, self.second.record
         inflight = channel.inflight
@@ -417,34 +553,46 @@ class LoadGenerator:
         else:
             self._maybe_done()
 
-    def _error(self, kind, text, channel, count=1):
+    def _refused(self, channel, why):
+        # The proxy did not accept the connection: the frames sent on it were never
+        # taken, so none is an error; the connection is opened elsewhere.
+        self.conns.discard(channel)
+        self.senders.discard(channel)
+        channel.inflight.clear()
+        channel.abort()
+        self._skip(channel, why)
+        self._maybe_done()
+
+    def _error(self, kind, text, channel, count=1, every=False):
+        """Count ``count`` errors of ``kind``; print ``text`` for the first of the
+        kind, or for each when ``every``."""
         self.errors += count
-        if not self.error_kinds[kind]:
-            self.err(f"client.py: connection {channel.number} to {channel.peer}: {text}")
+        if every or not self.error_kinds[kind]:
+            where = "" if channel is None else f"connection {channel.number} to {channel.peer}: "
+            self.err(f"client.py: {where}{text}")
         self.error_kinds[kind] += count
 
     def _lost(self, channel, why, exc=None):
-        """``channel`` failed: while opening, the load cannot start; else its answers
-        still owed are errors, and so is the loss of a connection that should be
-        sending or held open."""
+        """``channel`` failed: while opening, its address is skipped and it is opened
+        at the next one; else its answers still owed are errors, and so is the loss
+        of a connection that should be sending or held open (``exc``: the exception
+        that closed it, if any)."""
         if channel not in self.conns:
-            if self._failed is None and channel.number and exc is not None:
-                self._failed = (f"cannot open connection {channel.number} of {self._total} "
-                                f"to {channel.peer}: {why}")
-                self.loop.stop()
+            if exc is not None:  # a channel closed after it was open has no reason
+                self._opening -= 1
+                self._skip(channel, why)
             return
         self.conns.discard(channel)
         self.senders.discard(channel)
         owed = len(channel.inflight)
         if owed:
             self._error("missing answer", f"{why}; {owed} answer{'s' if owed > 1 else ''} "
-                        "missing", channel, owed)
+                        "missing", channel, owed, every=True)
         elif self.sending or not channel.sending:
-            self._error("connection lost", why + (self.hint if exc is not None else ""),
-                        channel)
+            self._error("connection lost", why, channel, every=True)
         channel.inflight.clear()
         channel.abort()
-        if not self.senders:
+        if not self.senders and not self._opening:
             self.loop.stop()
         else:
             self._maybe_done()

@@ -33,7 +33,7 @@ log = logging.getLogger("rproxy")
 
 # Bytes asked of the kernel per recv(): 64 KiB, the common socket buffer quantum.
 RECV_SIZE = 65536
-# Seconds one send may block on a peer that reads nothing. nginx's send_timeout is
+# Seconds a send may wait for a peer that takes no bytes. nginx's send_timeout is
 # 60 s, between two successive writes.
 SEND_TIMEOUT = 60.0
 # How long a lingering close waits for the peer to finish sending, in seconds.
@@ -60,12 +60,56 @@ class Deadline:
         return None if self.at is None else max(0.0, self.at - time.monotonic())
 
 
-class ConnectionTimeout(TimeoutError):
-    """No frame came in time. ``mid_frame`` is True if part of a frame had arrived."""
+def _tightest(*bounds):
+    """The smallest of ``(seconds or None, name)`` pairs, as ``(seconds, name)``;
+    ``(None, None)`` when every one is None (no bound)."""
+    given = [pair for pair in bounds if pair[0] is not None]
+    return min(given, key=lambda pair: pair[0]) if given else (None, None)
 
-    def __init__(self, message, mid_frame):
+
+class ConnectionTimeout(TimeoutError):
+    """No frame came in time.
+
+    Attributes:
+        mid_frame: True if part of a frame had arrived.
+        bound: the limit that ran out: ``"idle"`` (the idle timeout), ``"frame"``
+            (the frame timeout) or ``"deadline"``.
+    """
+
+    def __init__(self, message, mid_frame, bound):
         super().__init__(message)
         self.mid_frame = mid_frame
+        self.bound = bound
+
+
+class HeadDecoder(protocol.FrameDecoder):
+    """A ``protocol.FrameDecoder`` that keeps the first bytes of the stream in ``head``
+    (bytes, up to ``HEAD_SIZE``), to tell what kind of peer answered when the stream
+    turns out not to be frames (``may_speak_tls``)."""
+
+    HEAD_SIZE = 2
+
+    def __init__(self, max_frame=protocol.DEFAULT_MAX_FRAME):
+        super().__init__(max_frame)
+        self.head = b""
+
+    def feed(self, chunk):
+        if len(self.head) < self.HEAD_SIZE:
+            self.head += bytes(chunk[:self.HEAD_SIZE - len(self.head)])
+        super().feed(chunk)
+
+
+def may_speak_tls(head):
+    """Whether a peer reached over plain TCP may be a TLS server, from ``head``, the
+    first bytes (up to 2) it sent before the connection ended.
+
+    True for nothing at all (CPython's ``ssl``, and so a proxy of this project run
+    with ``-tls-cert``, resets a connection whose first bytes are not a TLS
+    ClientHello, without a word) and for the start of a TLS record: content type
+    alert (21) or handshake (22), then major version 3 (RFC 8446 section 5.1; what
+    OpenSSL-based servers such as HAProxy and nginx send). False for anything else:
+    that peer speaks something, and not TLS."""
+    return not head or (head[0] in (0x15, 0x16) and head[1:2] in (b"", b"\x03"))
 
 
 class Connection:
@@ -81,13 +125,17 @@ class Connection:
         sock: a connected ``socket.socket`` or ``ssl.SSLSocket``.
         max_frame: the largest frame body accepted, in bytes.
         peer: a ``"host:port"`` label for log lines.
-        send_timeout: seconds one send may block on a peer that reads nothing.
+        send_timeout: seconds a send may wait for the peer to take more bytes.
+
+    Attributes:
+        head: the first bytes received (up to 2, ``HeadDecoder``), for
+            ``may_speak_tls``.
     """
 
     def __init__(self, sock, max_frame=protocol.DEFAULT_MAX_FRAME, peer=None,
                  send_timeout=SEND_TIMEOUT):
         self.sock = sock
-        self.decoder = protocol.FrameDecoder(max_frame)
+        self.decoder = HeadDecoder(max_frame)
         self.peer = peer or format_address(sock.getpeername())
         self.send_timeout = send_timeout
         self._ready = collections.deque()
@@ -100,21 +148,46 @@ class Connection:
         """True over TLS."""
         return isinstance(self.sock, ssl.SSLSocket)
 
+    @property
+    def head(self):
+        """The first bytes received, up to 2 (``HeadDecoder.head``)."""
+        return self.decoder.head
+
     def send(self, message):
-        """Send one message (``dict``) as a frame. Raises ``OSError`` on failure,
-        ``socket.timeout`` after ``send_timeout`` seconds."""
+        """Send one message (``dict``) as a frame. Raises as ``send_frames``."""
         self.send_frames([protocol.encode_frame(message)])
 
     def send_frames(self, frames):
-        """Send whole frames (a list of bytes) in one write. Raises as ``send``."""
-        self.sock.settimeout(self.send_timeout)
-        self.sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+        """Send whole frames (a list of bytes) in one write.
+
+        ``send_timeout`` bounds each wait for the peer to take more bytes, not the
+        whole write (nginx's ``send_timeout``, "between two successive write
+        operations"): a large write to a slow reader goes on as long as the reader
+        takes bytes, and one to a reader that takes nothing fails after
+        ``send_timeout`` seconds.
+
+        Raises:
+            socket.timeout: the peer took nothing for ``send_timeout`` seconds.
+            OSError: the connection failed.
+        """
+        sock = self.sock
+        sock.settimeout(self.send_timeout)
+        data = memoryview(frames[0] if len(frames) == 1 else b"".join(frames))
+        while data:
+            # send(), not sendall(): sendall's timeout bounds the whole write.
+            data = data[sock.send(data):]
 
     def receive_batch(self, idle_timeout=None, frame_timeout=None, deadline=None):
         """Receive every frame that has arrived: at least one, after one ``recv``.
 
+        Each wait for bytes is bounded by ``idle_timeout``, inside a frame as between
+        frames (a peer that sends part of a frame and falls silent is silent), and
+        inside a frame also by what is left of ``frame_timeout``: the smallest bound
+        applies.
+
         Args:
-            idle_timeout: seconds to wait for the first byte of a frame; None: forever.
+            idle_timeout: seconds the peer may stay silent, whether a frame has
+                begun or not; None: forever.
             frame_timeout: seconds a frame may take from its first byte to its last;
                 None: forever.
             deadline: a ``Deadline`` after which to give up whatever the two timeouts
@@ -129,7 +202,7 @@ class Connection:
         Raises:
             protocol.FrameError: bad length prefix (after the frames before it were
                 returned); the connection must be closed.
-            ConnectionTimeout: a timeout above ran out.
+            ConnectionTimeout: a bound above ran out (its ``bound`` says which).
             OSError: the connection failed.
         """
         if self._ready:
@@ -150,10 +223,10 @@ class Connection:
                 return items
             if error is not None:
                 raise error
-            timeout = idle_timeout if self._frame_deadline is None else self._frame_deadline.left()
-            if deadline is not None:
-                left = deadline.left()
-                timeout = left if timeout is None else min(timeout, left)
+            mid = self._frame_deadline is not None
+            timeout, bound = _tightest(
+                (idle_timeout, "idle"), (self._frame_deadline.left() if mid else None, "frame"),
+                (None if deadline is None else deadline.left(), "deadline"))
             try:
                 # Time up: bytes that came in time may still wait in the kernel (the
                 # caller was busy answering); take them without waiting.
@@ -161,13 +234,12 @@ class Connection:
                 self.sock.settimeout(0.0 if timeout is not None and timeout <= 0 else timeout)
                 size = self.sock.recv_into(self._received)
             except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
-                mid = self._frame_deadline is not None
                 raise ConnectionTimeout(
                     f"timed out waiting for {'the rest of a frame' if mid else 'a frame'} "
-                    f"from {self.peer}", mid) from None
+                    f"from {self.peer}", mid, bound) from None
             if not size:
                 return []
-            if self._frame_deadline is None:
+            if not mid:
                 self._frame_deadline = Deadline(frame_timeout)
             decoder.feed(self._received[:size])
 
@@ -202,6 +274,9 @@ class Connection:
             answer, in order), or None when the connection is over (closed by the
             peer, or closed here after a fatal fault).
 
+        A peer silent for ``idle_timeout`` seconds in the middle of a frame gets the
+        same TIMEOUT ERROR, saying so.
+
         Raises:
             ConnectionTimeout: no frame began within ``idle_timeout`` seconds.
             OSError: the connection failed.
@@ -215,8 +290,12 @@ class Connection:
             if not exc.mid_frame:
                 raise
             log.warning("closing connection from %s: %s", self.peer, exc)
-            answer = protocol.error(protocol.TIMEOUT, f"a frame took longer than "
-                                    f"{frame_timeout:g} s to arrive (frame timeout); closing")
+            if exc.bound == "frame":
+                why = f"a frame took longer than {frame_timeout:g} s to arrive (frame timeout)"
+            else:
+                why = (f"nothing came for {idle_timeout:g} s in the middle of a frame "
+                       "(idle timeout)")
+            answer = protocol.error(protocol.TIMEOUT, f"{why}; closing")
         self.send(answer)
         self.close(linger=True)
         return None
@@ -265,12 +344,14 @@ def format_address(address):
     return protocol.format_address(*address[:2])
 
 
-def connect(host, port, timeout, max_frame=protocol.DEFAULT_MAX_FRAME, tls=None):
+def connect(host, port, timeout, max_frame=protocol.DEFAULT_MAX_FRAME, tls=None,
+            send_timeout=SEND_TIMEOUT):
     """Open a framed connection to ``host``:``port``.
 
     Args:
         timeout: seconds allowed for the TCP connect and the TLS handshake.
         tls: an ``ssl.SSLContext`` for the client side, or None for plain TCP.
+        send_timeout: see ``Connection``.
 
     Returns:
         Connection
@@ -283,7 +364,8 @@ def connect(host, port, timeout, max_frame=protocol.DEFAULT_MAX_FRAME, tls=None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname=host)
-        return Connection(sock, max_frame, peer=format_address((host, port)))
+        return Connection(sock, max_frame, peer=format_address((host, port)),
+                          send_timeout=send_timeout)
     except BaseException:
         sock.close()
         raise
@@ -294,13 +376,18 @@ def server_tls_context(cert, key, ca=None):
     and one that does not verify against ``ca`` fails the handshake.
 
     Raises:
-        OSError, ssl.SSLError: a file is missing or not a certificate or key.
+        ValueError: a file cannot be read or is not what it should be; the text names
+            the file at fault (OpenSSL's own errors, ``[SSL] PEM lib``, name none).
     """
+    _check_readable(cert, key, ca)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    _load_cert_chain(context, cert, key)
     if ca is not None:
-        context.load_verify_locations(ca)
+        try:
+            context.load_verify_locations(ca)
+        except ssl.SSLError:
+            raise ValueError(f"'{ca}' holds no PEM certificate") from None
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
@@ -310,13 +397,45 @@ def client_tls_context(ca, cert=None, key=None):
     presents ``cert``/``key`` when given (mutual TLS).
 
     Raises:
-        OSError, ssl.SSLError: a file is missing or not a certificate or key.
+        ValueError: as ``server_tls_context``.
     """
-    context = ssl.create_default_context(cafile=ca)
+    _check_readable(ca, cert, key)
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except ssl.SSLError:
+        raise ValueError(f"'{ca}' holds no PEM certificate") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
-        context.load_cert_chain(cert, key)
+        _load_cert_chain(context, cert, key)
     return context
+
+
+def _check_readable(*paths):
+    # Raises ValueError naming the first path (None: not given) that cannot be read.
+    for path in paths:
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"cannot read '{path}': {exc.strerror}") from None
+
+
+def _load_cert_chain(context, cert, key):
+    # load_cert_chain, with an error that says which of the two files is at fault.
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"the key '{key}' is not the key of the certificate "
+                             f"'{cert}'") from None
+        try:
+            # Reads every PEM certificate of a file, a leaf as well as a CA, and
+            # fails when there is none.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert)
+        except ssl.SSLError:
+            raise ValueError(f"'{cert}' holds no PEM certificate") from None
+        raise ValueError(f"'{key}' holds no PEM private key") from None
 
 
 def describe_error(exc):
@@ -568,7 +687,7 @@ def _no_work(signum, frame):
     pass
 
 
-def run_until_stopped(server, on_stop, signals, drain_timeout=4.0):
+def run_until_stopped(server, on_stop, signals, drain_timeout=4.0, on_signal=None):
     """Serve ``server`` (a FramedServer) until SIGTERM or SIGINT, then stop gracefully.
 
     The accept loop runs in a thread; the main thread waits for the signal. Then
@@ -578,13 +697,20 @@ def run_until_stopped(server, on_stop, signals, drain_timeout=4.0):
     within 5 s).
 
     Args:
-        signals: a ``Signals`` catching SIGTERM and SIGINT; another thread may
-            ``post`` one of them to stop the server.
+        signals: a ``Signals`` catching SIGTERM and SIGINT, and any others for
+            ``on_signal``; another thread may ``post`` one of them.
+        on_signal: None, or ``f(signum)``, called in the main thread for each other
+            signal received (SIGUSR1, SIGHUP), in order.
     """
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     accept_thread.start()
-    while not set(signals.wait()) & {signal.SIGTERM, signal.SIGINT}:
-        pass
+    stopping = False
+    while not stopping:
+        for signum in signals.wait():
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                stopping = True
+            elif on_signal is not None:
+                on_signal(signum)
     on_stop()
     server.shutdown()
     server.drain(drain_timeout)

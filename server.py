@@ -18,11 +18,15 @@ again; the server goes on with the others, and exits 1 when every proxy refused.
 
 On SIGTERM or Ctrl-C it leaves gracefully: it closes every session and waits for the
 proxies to close them too (so they choose it no more), answers the frames it has
-already received, and exits 0.
+already received, and exits 0. SIGUSR1 prints each session (proxy and state) and the
+packets answered; SIGHUP says that there is nothing to reload.
 
-Threads: the main thread waits for signals; ``accept`` runs the data port's accept
-loop (``netio.FramedServer``); one thread per data connection; one ``Registrar`` per
-proxy, which alone owns its session connection (``leave`` only half-closes it).
+Threads: the main thread waits for signals (``netio.Signals``) and does their work;
+``accept`` runs the data port's accept loop (``netio.FramedServer``); one thread per
+data connection, which adds its ACKs to ``UpstreamServer.answered`` under a lock, once
+per batch; one ``Registrar`` per proxy, which alone owns its session connection
+(``leave`` only half-closes it) and keeps its state under its own lock for the main
+thread to read.
 """
 
 import ipaddress
@@ -66,6 +70,10 @@ class SessionLost(Exception):
     """The heartbeat session ended; the text says how."""
 
 
+class SessionClosed(SessionLost):
+    """The proxy closed the heartbeat session, with no ERROR before."""
+
+
 class UpstreamServer(netio.FramedServer):
     """The data side: one thread per connection from the proxy.
 
@@ -82,6 +90,14 @@ class UpstreamServer(netio.FramedServer):
         self.server_id = server_id
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
+        self._answered = 0  # DATA frames answered with an ACK, over every connection
+        self._answered_lock = threading.Lock()
+
+    @property
+    def answered(self):
+        """DATA frames answered with an ACK since the start (int)."""
+        with self._answered_lock:
+            return self._answered
 
     def handle_connection(self, conn):
         """Answer every DATA with its ACK and every PING with a PONG, in order: all the
@@ -96,8 +112,12 @@ class UpstreamServer(netio.FramedServer):
                     return
                 if items is None:
                     return
-                conn.send_frames([protocol.encode_frame(self.answer(item, conn.peer))
-                                  for item in items])
+                answers = [self.answer(item, conn.peer) for item in items]
+                conn.send_frames([protocol.encode_frame(answer) for answer in answers])
+                acks = sum(1 for answer in answers if answer["type"] == MessageType.ACK)
+                if acks:
+                    with self._answered_lock:  # one lock per batch, not per frame
+                        self._answered += acks
         except OSError:
             pass
 
@@ -163,20 +183,46 @@ class Registrar(threading.Thread):
         self.refused = None
         self.on_refused = on_refused
         self._stopping = threading.Event()
-        self._session = None
+        # Guards _session and _state, which the main thread reads (leave, status).
         self._lock = threading.Lock()
+        self._session = None  # the live session's connection, or None
+        self._state = "connecting"
+
+    @property
+    def registered(self):
+        """True while the proxy counts this server in: a live session, or a
+        registration without a session (``-heartbeat 0``)."""
+        with self._lock:
+            return self._state.startswith("registered")
+
+    def status(self):
+        """One line: the proxy and the state of this server's registration with it."""
+        with self._lock:
+            return f"reverse proxy at {self.where}: {self._state}"
+
+    def _set_state(self, state, session=None):
+        with self._lock:
+            self._state = state
+            self._session = session
 
     def run(self):
         pause = FIRST_PAUSE
+        # True when the last session ended by the proxy's close (no ERROR before it),
+        # and the proxy was reachable at once afterwards.
+        closed_before = False
         while not self._stopping.is_set():
             try:
                 conn = netio.connect(*self.proxy, self.connect_timeout, tls=self.tls)
             except OSError as exc:
+                why = netio.describe_error(exc)
+                closed_before = False
+                self._set_state(f"unreachable ({why}); retrying")
                 log.info("Cannot reach the reverse proxy at %s (%s); retrying in %g s",
-                         self.where, netio.describe_error(exc), pause,
-                         extra=cli.event("unreachable", proxy=self.where,
-                                         reason=netio.describe_error(exc), retry_s=pause))
+                         self.where, why, pause,
+                         extra=cli.event("unreachable", proxy=self.where, reason=why,
+                                         retry_s=pause))
             else:
+                began = None
                 try:
                     self._register(conn)
                     if self.heartbeat is None or self._stopping.is_set():
@@ -191,12 +237,21 @@ class Registrar(threading.Thread):
                             pause = FIRST_PAUSE
                 except RegistrationRefused as exc:
                     self.refused = str(exc)
+                    self._set_state(f"refused registration: {exc}")
                     self.on_refused(self)
                     return
                 except (SessionLost, OSError, protocol.ProtocolError) as exc:
                     if self._stopping.is_set():
                         return
                     why = netio.describe_error(exc) if isinstance(exc, OSError) else str(exc)
+                    closed = began is not None and isinstance(
+                        exc, (SessionClosed, ConnectionResetError, BrokenPipeError))
+                    if closed and closed_before and time.monotonic() - began < STABLE_SESSION:
+                        # What the proxy does to the older session when a server
+                        # registers with the same id: each of the two closes the other's.
+                        why += "; another server registered with the same id?"
+                    closed_before = closed
+                    self._set_state(f"session lost ({why}); registering again")
                     log.info("Lost the session with the reverse proxy at %s (%s); "
                              "registering again in %g s", self.where, why, pause,
                              extra=cli.event("session_lost", proxy=self.where, reason=why,
@@ -228,8 +283,10 @@ class Registrar(threading.Thread):
         if answer["type"] != MessageType.REGISTERED:
             raise protocol.MessageError(
                 f"the proxy answered SETUP with {answer['type'].name}, not REGISTERED")
-        with self._lock:
-            self._session = conn
+        if self.heartbeat is None:
+            self._set_state("registered without a session (-heartbeat 0)")
+        else:
+            self._set_state(f"registered, heartbeat {self.heartbeat:g} s", conn)
         log.info("Registered with the reverse proxy at %s as server id %s for privacy "
                  "policy %s%s", self.where, show(answer["id"]),
                  show(answer["privPolyId"]),
@@ -244,24 +301,37 @@ class Registrar(threading.Thread):
         return answer
 
     def _keep_session(self, conn):
-        """PING every heartbeat until ``leave``; raise SessionLost if the session ends."""
+        """PING every heartbeat until ``leave``.
+
+        Raises:
+            SessionClosed: the proxy closed the session without an ERROR first.
+            SessionLost: the session ended otherwise: no whole frame for 3 heartbeats
+                (none, or part of one: every wait is bounded by the heartbeat), or
+                closed after an ERROR.
+        """
         beat = self.heartbeat
         ping_due = netio.Deadline(0)
         silence = netio.Deadline(3 * beat)  # moved on by every frame heard
+        partial = errors = False
         while not self._stopping.is_set():
             if not ping_due.left():
                 conn.send(protocol.ping())
                 ping_due = netio.Deadline(beat)
             if not silence.left():
-                raise SessionLost(f"no answer to PING for {3 * beat:g} s (3 heartbeats)")
+                raise SessionLost(f"no answer to PING for {3 * beat:g} s (3 heartbeats)"
+                                  + ("; part of a frame came, not the rest" if partial else ""))
             try:
                 message = conn.receive(idle_timeout=min(ping_due.left(), silence.left()))
-            except netio.ConnectionTimeout:
+            except netio.ConnectionTimeout as exc:
+                partial = exc.mid_frame
                 continue
             if message is None:
-                raise SessionLost("the proxy closed the session")
+                if errors:
+                    raise SessionLost("the proxy closed the session after an ERROR")
+                raise SessionClosed("the proxy closed the session")
             silence = netio.Deadline(3 * beat)
             if message["type"] == MessageType.ERROR:
+                errors = True
                 log.warning("The reverse proxy at %s reported on the session: %s: %s",
                             self.where, message["code"], message["message"],
                             extra=cli.event("session_error", proxy=self.where,
@@ -400,7 +470,7 @@ def main(argv=None):
             max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout)
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.listen, exc)
-    signals = netio.Signals((signal.SIGTERM, signal.SIGINT))
+    signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     cli.on_output_closed(lambda: signals.post(signal.SIGTERM))
     log.info("Listening on port %d", server.port, extra=cli.event("listening", port=server.port))
     setup_message = protocol.setup(
@@ -436,21 +506,36 @@ def main(argv=None):
         staying = [registrar for registrar in registrars if registrar.refused is None]
         if not staying:
             return
+        registered = sum(1 for registrar in staying if registrar.registered)
         if args.heartbeat == 0:
             log.info("Stopping: answering the frames already received (registered without "
                      "a session: a proxy drops this server when a forward to it fails)",
                      extra=cli.event("stopping"))
+        elif not registered:
+            log.info("Stopping: registered with no proxy; answering the frames already "
+                     "received", extra=cli.event("stopping"))
         else:
             log.info("Stopping: leaving the rotation of %s, then answering the frames "
-                     "already received", "the proxy" if len(staying) == 1 else
-                     f"{len(staying)} proxies", extra=cli.event("stopping"))
+                     "already received", "the proxy" if len(registrars) == 1 else
+                     f"{registered} prox{'y' if registered == 1 else 'ies'}",
+                     extra=cli.event("stopping"))
         for registrar in staying:
             registrar.leave()
         deadline = netio.Deadline(LEAVE_TIMEOUT)
         for registrar in staying:
             registrar.join(deadline.left())
 
-    netio.run_until_stopped(server, leave, signals)
+    def on_signal(signum):
+        if signum == signal.SIGUSR1:
+            lines = [registrar.status() for registrar in registrars]
+            log.info("Sessions:\n%s\nPackets answered: %d (all proxies together)",
+                     "\n".join(f"  {line}" for line in lines), server.answered,
+                     extra=cli.event("sessions", sessions=lines, answered=server.answered))
+        elif signum == signal.SIGHUP:
+            log.info("SIGHUP: nothing to reload (the server reads no file after its start)",
+                     extra=cli.event("nothing_to_reload"))
+
+    netio.run_until_stopped(server, leave, signals, on_signal=on_signal)
     if all(registrar.refused is not None for registrar in registrars):
         if several:
             cli.print_error("server.py: every reverse proxy refused registration: " + "; ".join(

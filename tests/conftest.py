@@ -7,6 +7,9 @@
   messages in, every read bounded.
 * ``FakeServer`` is a scriptable upstream server in the test process (answer, delay,
   never answer, close after N frames, wrong answer) for the fault cases.
+* ``Peer`` (the ``peers`` fixture) is a scripted listener of any kind: a proxy that
+  sends half a frame, refuses, falls silent...; ``read_frame`` and ``read_to_eof``
+  read a raw socket.
 """
 
 import logging
@@ -416,6 +419,93 @@ def write_packets(tmp_path, name, packets):
     path = tmp_path / name
     path.write_text(json.dumps(packets), encoding="utf-8")
     return path
+
+
+# --- Raw peers ----------------------------------------------------------------------
+
+def closed_port():
+    """A TCP port on 127.0.0.1 where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Peer:
+    """A scripted proxy on 127.0.0.1: ``script(sock)`` runs in a thread of its own for
+    each accepted connection, which is closed when the script returns (unless it
+    returns ``"hold"``: then at the end of the test)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._held = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock):
+        sock.settimeout(WAIT)
+        try:
+            if self.script(sock) == "hold":
+                self._held.append(sock)
+                return
+        except OSError:
+            pass
+        sock.close()
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self._held:
+            sock.close()
+        for thread in self._threads:
+            thread.join(WAIT)
+
+
+@pytest.fixture
+def peers():
+    made = []
+
+    def make(script):
+        made.append(Peer(script))
+        return made[-1]
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+def read_frame(sock):
+    """Read one whole frame from ``sock``; return its message (None at EOF)."""
+    decoder = protocol.FrameDecoder()
+    while True:
+        body = decoder.next_frame()
+        if body is not None:
+            return protocol.parse_message(body)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        decoder.feed(chunk)
+
+
+def read_to_eof(sock):
+    while sock.recv(65536):
+        pass
 
 
 # --- Test certificates -----------------------------------------------------------------

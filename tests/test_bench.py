@@ -3,8 +3,10 @@
 
 The load mode runs as a process against real programs (``reverse_proxy.py``,
 ``server.py``) or against a ``FakeServer`` whose answers are scripted: every wrong,
-ERROR or missing answer must be counted, exactly, and fail the run (exit 1); usage
-errors exit 2. Each run lasts about a second. ``bench/compare.py`` itself takes a
+ERROR or missing answer must be counted, exactly, and fail the run (exit 1), and each
+lost connection says how many answers it lost; usage errors exit 2. With several
+addresses, one that refuses (TCP, or a full proxy's OVERLOADED) is skipped, and the
+run fails only when none accepts. Each run lasts about a second. ``bench/compare.py`` itself takes a
 minute and more, so only its pure parts (``/proc`` parsing, medians, tables, targets)
 are tested here, in-process.
 """
@@ -14,13 +16,13 @@ import json
 import os
 import random
 import re
-import socket
 
 import pytest
 
 import loadgen
+import netio
 import protocol
-from conftest import ROOT, run, write_packets
+from conftest import ROOT, closed_port, run, write_packets
 
 BENCH = ("client.py", "-id", "7", "-pkt", "pktfiles/1.json")  # policy 111
 
@@ -37,13 +39,6 @@ def bench(*options, revproc, seconds=SHORT):
     assert "Traceback" not in done.stdout + done.stderr, done.stderr
     last = done.stdout.splitlines()[-1] if done.stdout else ""
     return done, json.loads(last) if last.startswith("{") else None
-
-
-def closed_port():
-    """A TCP port on 127.0.0.1 where nothing listens (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_consistent(summary, conns, depth, size, idle=0, seconds=SHORT):
@@ -74,6 +69,7 @@ def test_bench_through_proxy_and_server_every_answer_right(nodes):
                         f"policy 111, 1 s, to 127.0.0.1:{proxy.port}")
     assert re.fullmatch(r"time 1 s  packets/s [\d,]+  p50 \d+\.\d\d ms  p99 \d+\.\d\d ms  "
                         r"errors 0", lines[1]), lines[1]
+    assert [line for line in lines if line.startswith("time ")] == [lines[1]]  # once
 
 
 def test_bench_text_summary(nodes):
@@ -191,6 +187,18 @@ def test_bench_silent_server_answers_missing_after_timeout(fake_servers):
     assert summary["packets"] == 0
     assert summary["error_kinds"] == {"missing answer": 6}
     assert "no answer within 0.5 s (-timeout)" in done.stderr
+    assert "TLS" not in done.stderr  # silence is no sign of a TLS server
+
+
+def test_bench_plain_to_a_tls_proxy_hints_at_tls_ca(proxies, pki):
+    proxy = proxies(tls=netio.server_tls_context(pki["leaf.pem"], pki["leaf.key"]))
+    done, summary = bench("-conns", 1, "-depth", 2, revproc=proxy.port)
+    assert done.returncode == 1
+    assert summary["error_kinds"] == {"missing answer": 2}
+    assert re.fullmatch(rf"client\.py: connection 1 to 127\.0\.0\.1:{proxy.port}: (Connection "
+                        r"reset by peer|the peer closed the connection) \(a proxy that "
+                        r"serves TLS needs -tls-ca\); 2 answers missing", done.stderr.strip()), (
+        done.stderr)
 
 
 def test_bench_unreachable_proxy_one_line_exit_1():
@@ -199,6 +207,89 @@ def test_bench_unreachable_proxy_one_line_exit_1():
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"client.py: cannot open connection 1 of 2 to 127.0.0.1:{port}: Connection refused"]
+
+
+# --- Several proxies: failover when opening, losses reported per connection ---------------
+
+def test_bench_skips_a_proxy_that_refuses_and_says_so(fake_servers):
+    down, fake = closed_port(), fake_servers("900")
+    done, summary = bench("-conns", 2, "-depth", 1, revproc=f"{down},{fake.port}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary["errors"] == 0 and summary["packets"] == fake.count > 0
+    assert len(fake._conns) == 2  # connection 1 went to the next address
+    assert done.stderr.splitlines() == [
+        f"client.py: connection 1 to 127.0.0.1:{down} refused: Connection refused; using "
+        f"the other reverse proxies"]
+    assert done.stdout.splitlines()[0].endswith(
+        f", to 127.0.0.1:{fake.port} (127.0.0.1:{down} skipped: Connection refused)")
+
+
+def test_bench_exits_1_when_no_proxy_accepts_naming_each():
+    first, second = closed_port(), closed_port()
+    done = run(*BENCH, "-revproc", f"{first},{second}", "-bench", 1, "-conns", 2)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert re.fullmatch(
+        rf"client\.py: cannot open connection [12] of 2: no reverse proxy accepted it "
+        rf"\(127\.0\.0\.1:{first}: Connection refused; 127\.0\.0\.1:{second}: Connection "
+        rf"refused\)", done.stderr.splitlines()[-1]), done.stderr
+
+
+def test_bench_moves_the_connections_a_full_proxy_refuses(proxies, wires, fake_servers):
+    full = proxies(max_conns=1)
+    holder = wires(full.port)
+    holder.send(protocol.ping())
+    assert holder.receive()["type"] == protocol.MessageType.PONG  # the one slot is taken
+    fake = fake_servers("900")
+    done, summary = bench("-conns", 2, "-depth", 1, revproc=f"{full.port},{fake.port}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary["errors"] == 0 and summary["packets"] == fake.count > 0
+    assert len(fake._conns) == 2
+    assert done.stderr.splitlines() == [
+        f"client.py: connection 1 to 127.0.0.1:{full.port} refused: OVERLOADED: the proxy "
+        f"has 1 connections open, its maximum; try again later; using the other reverse "
+        f"proxies"]
+
+
+def test_bench_a_peer_lost_under_load_reports_the_missing_answers_of_every_connection(
+        fake_servers):
+    fake = None
+
+    def all_lost_at_ten(message, count):
+        if count == 10:
+            fake.drop_connections()  # as a proxy that dies: every connection at once
+            return "close"
+        return protocol.ack_for("900", message)
+
+    fake = fake_servers("900", all_lost_at_ten)
+    done, summary = bench("-conns", 2, "-depth", 4, revproc=fake.port)
+    assert done.returncode == 1
+    # Each connection keeps 4 frames in flight (topped up after each answer), so each
+    # loses 4 answers; each says so, and the lines add up to the summary.
+    lines = sorted(done.stderr.splitlines())
+    assert [re.sub(r"the peer closed the connection|Connection reset by peer", "closed",
+                   line) for line in lines] == [
+        f"client.py: connection {number} to 127.0.0.1:{fake.port}: closed; 4 answers missing"
+        for number in (1, 2)], done.stderr
+    assert summary["error_kinds"] == {"missing answer": 8}
+    assert summary["errors"] == 8
+
+
+def test_bench_takes_acks_whose_type_is_the_digit_as_a_string(fake_servers):
+    fake = fake_servers("900", lambda message, count: {
+        **protocol.ack_for("900", message), "type": "2"})
+    done, summary = bench("-conns", 1, "-depth", 2, revproc=fake.port)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary["errors"] == 0 and summary["packets"] == fake.count > 0
+
+
+def test_bench_prints_a_progress_line_for_the_last_part_of_a_second(fake_servers):
+    fake = fake_servers("900")
+    done, summary = bench("-conns", 1, "-depth", 1, revproc=fake.port, seconds=1.5)
+    assert done.returncode == 0, done.stdout + done.stderr
+    progress = [line.split("  ")[0] for line in done.stdout.splitlines()
+                if line.startswith("time ")]
+    assert progress == ["time 1 s", "time 1.5 s"]
 
 
 # --- Usage errors: exit 2, naming the value ----------------------------------------------

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import protocol
-from conftest import ROOT, run, write_packets
+from conftest import ROOT, closed_port, run, write_packets
 
 PROGRAMS = ("reverse_proxy.py", "server.py", "client.py")
 
@@ -28,13 +28,6 @@ def sha1(text):
 def no_traceback(result):
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
-
-
-def closed_port():
-    """A TCP port on 127.0.0.1 where nothing listens (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -288,6 +281,24 @@ def test_assignment_demo_with_its_terminal_output(nodes):
                      f"Received a data message from server id {server_id} payload: {digest}",
                      f"Forwarding a data message to client id {number} payload: {digest}"):
             proxy.wait_for("^" + re.escape(line) + "$")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["reverse_proxy.py", "-port", "0", "-tls-cert", "{bad}", "-tls-key", "{bad}"],
+     "cannot load TLS files"),
+    (["server.py", "-id", "1", "-pp", "111", "-tls-cert", "{bad}", "-tls-key", "{bad}"],
+     "cannot load TLS files"),
+    (["client.py", "-id", "1", "-pkt", "pktfiles/1.json", "-tls-ca", "{bad}"],
+     "cannot load -tls-ca"),
+])
+def test_a_tls_file_that_is_not_pem_is_named(tmp_path, args, option):
+    bad = tmp_path / "hostname"
+    bad.write_text("myhost\n", encoding="ascii")
+    result = run(*(arg.format(bad=bad) for arg in args))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"{args[0]}: error: {option}: '{bad}' holds no PEM certificate")
+    no_traceback(result)
 
 
 def test_server_exits_1_when_its_listen_port_is_busy(nodes):

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import eventloop
 import netio
 import protocol
-from conftest import WAIT
+from conftest import WAIT, closed_port
 from protocol import FrameError, frame_of
 
 # Hypothesis: about a second in all, no example database written to the work tree.
@@ -291,13 +291,6 @@ def wait_until_sent(sock):
                          "little"):
         assert time.monotonic() < deadline, f"bytes still unsent after {WAIT} s"
         time.sleep(0.001)
-
-
-def closed_port():
-    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- EventLoop ------------------------------------------------------------------------

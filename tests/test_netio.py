@@ -3,8 +3,10 @@
 After websockets' ``tests/sync/test_connection.py``: a ``Connection`` is built over one
 end of ``socket.socketpair()`` (or of a loopback TCP pair where TCP's reset matters),
 the test plays the peer on the other end, and every edge is reached without a
-process: frames split anywhere, idle and stalled-frame timeouts, bad messages, fatal
-errors and the lingering close, half-close, wake, send timeout. ``Signals`` is tested
+process: frames split anywhere, idle and stalled-frame timeouts (the idle timeout
+bounds a wait inside a frame too), bad messages, fatal errors and the lingering
+close, half-close, wake, send timeout, the first bytes that tell a TLS peer, and TLS
+files that are not what they should be (named in the error). ``Signals`` is tested
 in the main thread with its handlers restored after each test, and ``FramedServer``
 runs in a thread of the test.
 
@@ -474,6 +476,46 @@ def test_deadline_already_passed_raises_at_once(kit):
     assert took < WAIT / 2
 
 
+@pytest.mark.parametrize("frame_timeout", [None, WAIT])
+def test_idle_timeout_bounds_the_wait_inside_a_frame_too(kit, frame_timeout):
+    # A peer that sends half a length prefix and falls silent is silent: with no
+    # frame timeout (a client's -timeout, a server's session) the wait used to be
+    # unbounded.
+    conn, peer = kit.pair()
+    peer.sendall(b"\x00\x00")
+    exc, took = timed(conn.receive_batch, idle_timeout=0.05, frame_timeout=frame_timeout)
+    assert isinstance(exc, netio.ConnectionTimeout)
+    assert (exc.mid_frame, exc.bound) == (True, "idle")
+    assert str(exc) == "timed out waiting for the rest of a frame from peer:1"
+    assert 0.05 <= took < WAIT / 2
+    # Each wait is bounded again, and the frame goes on where it was.
+    exc, took = timed(conn.receive_batch, idle_timeout=0.05, frame_timeout=frame_timeout)
+    assert (exc.mid_frame, exc.bound) == (True, "idle") and took < WAIT / 2
+    peer.sendall(frame(data(1))[2:])
+    assert conn.receive_batch(idle_timeout=0.05, frame_timeout=frame_timeout) == [data(1)]
+
+
+def test_the_frame_timeout_bounds_a_frame_whose_bytes_keep_coming(kit, clock):
+    conn, peer = kit.pair(ends=[1, 2, 3])  # one byte per read
+    peer.sendall(frame(data(1))[:3])
+
+    def each_byte_late(position):
+        if position:
+            clock.advance(0.6)  # every byte within the idle timeout of the one before
+
+    conn.sock.before_read = each_byte_late
+    exc, _ = timed(conn.receive_batch, idle_timeout=1.0, frame_timeout=1.0)
+    assert (exc.mid_frame, exc.bound) == (True, "frame")
+
+
+def test_the_bound_that_ran_out_is_named(kit):
+    conn, peer = kit.pair()
+    exc, _ = timed(conn.receive_batch, idle_timeout=WAIT, deadline=netio.Deadline(0.01))
+    assert (exc.mid_frame, exc.bound) == (False, "deadline")
+    exc, _ = timed(conn.receive_batch, idle_timeout=0.01, deadline=netio.Deadline(WAIT))
+    assert (exc.mid_frame, exc.bound) == (False, "idle")
+
+
 def test_a_receive_after_a_timeout_goes_on_with_the_bytes_already_read(kit):
     conn, peer = kit.pair()
     whole = frame(data(1))
@@ -541,6 +583,23 @@ def test_next_batch_answers_a_stalled_frame_with_one_timeout_error_then_closes(k
     assert conn.sock.fileno() == -1
 
 
+def test_next_batch_answers_silence_inside_a_frame_with_a_timeout_error_naming_it(kit):
+    conn, peer = kit.pair()
+    peer.sendall(frame(data(1))[:3])
+
+    def read_then_close():
+        try:
+            return read_to_end(peer)
+        finally:
+            peer.close()
+
+    reader = kit.spawn(read_then_close)
+    assert conn.next_batch(idle_timeout=0.05, frame_timeout=WAIT) is None
+    assert reader.result() == ([protocol.error(
+        "TIMEOUT", "nothing came for 0.05 s in the middle of a frame (idle timeout); "
+        "closing")], "eof")
+
+
 def test_next_batch_raises_the_idle_timeout_and_sends_nothing(kit):
     conn, peer = kit.pair()
     with pytest.raises(netio.ConnectionTimeout) as caught:
@@ -565,6 +624,28 @@ def test_next_batch_returns_none_when_the_peer_closes(kit):
     peer.close()
     assert conn.next_batch(WAIT, WAIT) == [data(1)]
     assert conn.next_batch(WAIT, WAIT) is None
+
+
+# --- What the first bytes say of the peer ------------------------------------------------
+
+@pytest.mark.parametrize("head, tls", [
+    (b"", True),            # reset or closed before a word: CPython's ssl server does that
+    (b"\x15\x03", True),    # a TLS alert record
+    (b"\x16\x03", True),    # a TLS handshake record
+    (b"\x15", True),        # the first byte of one, the connection ended there
+    (b"\x00\x00", False),   # a length prefix
+    (b"\x15\x00", False),
+    (b"HT", False),         # an HTTP server
+])
+def test_may_speak_tls(head, tls):
+    assert netio.may_speak_tls(head) is tls
+
+
+def test_head_keeps_the_first_two_bytes_of_the_stream_however_they_came(kit):
+    conn, peer = kit.pair(ends=[1, 5])
+    peer.sendall(frame(data(1)) + frame(data(2)))
+    assert conn.receive_batch(WAIT, WAIT) == [data(1), data(2)]
+    assert conn.head == frame(data(1))[:2]
 
 
 # --- Half-close, wake, send timeout ---------------------------------------------------
@@ -678,6 +759,55 @@ def test_signals_deliver_a_real_signal_through_the_wakeup_fd(signals):
     os.kill(os.getpid(), signal.SIGUSR1)
     assert caught.wait(WAIT) == [signal.SIGUSR1]
     assert signal.getsignal(signal.SIGUSR1) is netio._no_work
+
+
+def test_run_until_stopped_hands_other_signals_to_on_signal_then_stops(signals):
+    caught = signals()
+    server = AckServer(("127.0.0.1", 0))
+    seen, stops = [], []
+    for signum in (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM):
+        caught.post(signum)
+    netio.run_until_stopped(server, lambda: stops.append(len(seen)), caught,
+                            drain_timeout=WAIT, on_signal=seen.append)
+    assert seen == [signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2]
+    assert stops == [3]  # once, after the others
+    assert server.socket.fileno() == -1
+
+
+# --- TLS files ----------------------------------------------------------------------------
+
+@pytest.fixture
+def not_pem(tmp_path):
+    path = tmp_path / "hostname"
+    path.write_text("myhost\n", encoding="ascii")
+    return str(path)
+
+
+# Arguments of server_tls_context (names of files), and the error; {0}, {1}, {2}: the
+# paths of those arguments.
+TLS_FILES = {
+    "certificate not PEM": (("not_pem", "leaf.key"), "'{0}' holds no PEM certificate"),
+    "key not PEM": (("leaf.pem", "not_pem"), "'{1}' holds no PEM private key"),
+    "key of another certificate": (("leaf.pem", "rogueleaf.key"),
+                                   "the key '{1}' is not the key of the certificate '{0}'"),
+    "CA not PEM": (("leaf.pem", "leaf.key", "not_pem"), "'{2}' holds no PEM certificate"),
+    "missing": (("leaf.pem", "missing"), "cannot read '{1}': No such file or directory"),
+}
+
+
+@pytest.mark.parametrize("names, message", TLS_FILES.values(), ids=TLS_FILES.keys())
+def test_tls_file_errors_name_the_file_at_fault(pki, not_pem, tmp_path, names, message):
+    paths = {**pki, "not_pem": not_pem, "missing": str(tmp_path / "missing.pem")}
+    arguments = [paths[name] for name in names]
+    with pytest.raises(ValueError) as caught:
+        netio.server_tls_context(*arguments)
+    assert str(caught.value) == message.format(*arguments)
+
+
+def test_client_tls_ca_error_names_the_file(not_pem):
+    with pytest.raises(ValueError) as caught:
+        netio.client_tls_context(not_pem)
+    assert str(caught.value) == f"'{not_pem}' holds no PEM certificate"
 
 
 # --- FramedServer in a thread of the test ----------------------------------------------

@@ -11,16 +11,23 @@ the signals and the exit status are the point:
 * ``-host ::1`` / ``-host ::`` and ``-revproc [::1]:PORT``.
 * Descriptor exhaustion: the accept loop pauses instead of spinning, and serves again
   once descriptors are free (``netio.FramedServer``).
+* Faults of a proxy: part of a frame then silence on the session (lost within 3
+  heartbeats, from a scripted proxy, ``test_client_failover.Peer``), a full proxy
+  (OVERLOADED at SETUP: asked again until it has room), two servers with one id.
+* SIGUSR1 prints the sessions, SIGHUP says there is nothing to reload, and the stop
+  line counts the proxies the server is registered with.
 """
 
 import os
 import resource
+import signal
 import socket
+import threading
 import time
 
 import pytest
 
-from conftest import WAIT, Wire, run
+from conftest import WAIT, Wire, closed_port, read_frame, read_to_eof, run
 import protocol
 
 ACK = protocol.MessageType.ACK
@@ -291,4 +298,121 @@ def test_out_of_descriptors_the_accept_loop_pauses_then_serves_again(nodes):
     assert answered_by(proxy.port, "111", 2) == ["s8", "s8"]
     assert server.count(r"cannot accept connections") == 1
     assert server.stop() == 0
+    no_traceback(server)
+
+
+# --- Faults of a proxy, seen from the server ---------------------------------------------
+
+def test_part_of_a_frame_then_silence_on_the_session_is_lost_within_3_heartbeats(
+        nodes, peers):
+    setups = []
+    arrived = threading.Condition()
+
+    def registered_then_two_stray_bytes(sock):
+        setup = read_frame(sock)
+        with arrived:
+            setups.append(time.monotonic())
+            arrived.notify_all()
+        sock.sendall(protocol.encode_frame(protocol.registered(setup["id"],
+                                                               setup["privPolyId"]))
+                     + b"\x00\x00")  # half a length prefix, and never the rest
+        read_to_eof(sock)  # the PINGs, unanswered, until the server gives up
+
+    fake = peers(registered_then_two_stray_bytes)
+    server = nodes.server("s9", "111", fake.port, "-heartbeat", "0.5", "-quiet", wait=False)
+    with arrived:
+        assert arrived.wait_for(lambda: len(setups) >= 2, WAIT), server.output
+    # 3 heartbeats of silence, the first pause (0.1 s), and room for a loaded machine.
+    assert 1.5 <= setups[1] - setups[0] < 1.5 + 0.1 + 2.0
+    server.wait_for(rf"^Lost the session with the reverse proxy at 127\.0\.0\.1:{fake.port} "
+                    r"\(no answer to PING for 1\.5 s \(3 heartbeats\); part of a frame "
+                    r"came, not the rest\); registering again in 0\.1 s$")
+
+
+FULL = (r"\(the proxy is full: OVERLOADED: the proxy has 1 connections open, its "
+        r"maximum; try again later\); registering again in [\d.]+ s$")
+
+
+def hold_the_only_connection(wires, proxy):
+    """Open an idle client connection to ``proxy`` (run with -max-conns 1) and make
+    sure that the proxy serves it: the proxy is full. Returns the Wire."""
+    holder = wires(proxy.port)
+    holder.send(protocol.ping())
+    assert holder.receive()["type"] == protocol.MessageType.PONG
+    return holder
+
+
+def test_a_full_proxy_is_asked_again_until_it_has_room(nodes, wires):
+    full, other = nodes.proxy("-max-conns", 1), nodes.proxy()
+    holder = hold_the_only_connection(wires, full)
+    server = nodes.server("s10", "111", f"{full.port},{other.port}", "-quiet", wait=False)
+    server.wait_for(rf"^Registered with the reverse proxy at 127\.0\.0\.1:{other.port} ")
+    refused = rf"^Lost the session with the reverse proxy at 127\.0\.0\.1:{full.port} {FULL}"
+    wait_until(lambda: server.count(refused) >= 2, what="two registrations refused as full")
+    holder.close()
+    server.wait_for(rf"^Registered with the reverse proxy at 127\.0\.0\.1:{full.port} as "
+                    r"server id s10")
+    full.wait_for(r"^Received setup message from server id s10 privacy policy 111 ")
+    assert answered_by(other.port, "111", 2) == ["s10", "s10"]
+    assert server.stop() == 0
+    no_traceback(server)
+
+
+def test_with_its_only_proxy_full_the_server_keeps_asking_and_registers_once_it_has_room(
+        nodes, wires):
+    full = nodes.proxy("-max-conns", 1)
+    holder = hold_the_only_connection(wires, full)
+    server = nodes.server("s11", "111", full.port, "-quiet", wait=False)
+    refused = rf"^Lost the session with the reverse proxy at 127\.0\.0\.1:{full.port} {FULL}"
+    wait_until(lambda: server.count(refused) >= 3, what="three registrations refused as full")
+    assert server.proc.poll() is None  # a full proxy is no refusal: the server stays
+    holder.close()
+    server.wait_for(rf"^Registered with the reverse proxy at 127\.0\.0\.1:{full.port} as "
+                    r"server id s11")
+    assert server.stop() == 0
+    left(full, "s11", "111")
+    no_traceback(server)
+
+
+def test_two_servers_with_one_id_are_told_that_they_take_turns(nodes):
+    proxy = nodes.proxy()
+    twins = [nodes.server("twin", "111", proxy.port, "-quiet") for _ in range(2)]
+    proxy.wait_for(r"^server id twin registered again from .*: its session from .* is "
+                   r"replaced and closed$")
+    hint = (rf"^Lost the session with the reverse proxy at 127\.0\.0\.1:{proxy.port} "
+            r"\((the proxy closed the session|Connection reset by peer); another server "
+            r"registered with the same id\?\); registering again in [\d.]+ s$")
+    wait_until(lambda: any(twin.count(hint) for twin in twins),
+               what="a twin told of the other")
+    for twin in twins:
+        assert twin.stop() == 0
+        no_traceback(twin)
+
+
+# --- Signals and the stop ------------------------------------------------------------------
+
+def test_sigusr1_prints_each_session_and_the_answers_sighup_nothing_to_reload(nodes):
+    proxy, down = nodes.proxy(), closed_port()
+    server = nodes.server("s12", "111", f"{proxy.port},{down}", "-quiet", wait=False)
+    server.wait_for(rf"^Registered with the reverse proxy at 127\.0\.0\.1:{proxy.port} ")
+    server.wait_for(rf"^Cannot reach the reverse proxy at 127\.0\.0\.1:{down} ")
+    assert answered_by(proxy.port, "111", 3) == ["s12"] * 3
+    mark = len(server.lines)
+    server.signal(signal.SIGUSR1)
+    server.wait_for(r"^Packets answered: 3 \(all proxies together\)$", start=mark)
+    start = server.lines.index("Sessions:", mark)
+    assert server.lines[start:start + 4] == [
+        "Sessions:",
+        f"  reverse proxy at 127.0.0.1:{proxy.port}: registered, heartbeat 1 s",
+        f"  reverse proxy at 127.0.0.1:{down}: unreachable (Connection refused); retrying",
+        "Packets answered: 3 (all proxies together)"]
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"^SIGHUP: nothing to reload \(the server reads no file after its "
+                    r"start\)$", start=mark)
+    assert server.proc.poll() is None
+    assert server.stop() == 0
+    # Only the proxy it is registered with counts, not the one it never reached.
+    server.wait_for(r"^Stopping: leaving the rotation of 1 proxy, then answering the "
+                    r"frames already received$")
+    left(proxy, "s12", "111")
     no_traceback(server)
