@@ -76,7 +76,8 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   heartbeat}, ``session_lost`` {proxy, reason, retry_s}, ``session_error`` {proxy,
   code, reason}, ``refused`` {proxy, reason}; per packet ``received`` {client,
   payload}, ``answer`` {client, payload}; ``bad_message`` {peer, reason},
-  ``idle_timeout`` {peer}.
+  ``idle_timeout`` {peer}; ``sessions`` {sessions, answered} (SIGUSR1: each
+  proxy's session state, DATA frames answered); ``nothing_to_reload`` (SIGHUP).
 * proxy: ``front_tier`` {port}; ``limits`` {descriptors, max_conns}; ``limits_low``
   {descriptors, max_conns, room};
   ``registration_open``; ``registration_keyed`` {policies}; ``registry`` {policies}
@@ -94,7 +95,9 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   ``connection_failed`` {peer, reason}; ``overloaded`` {peer, max_conns};
   ``accept_paused``, ``accept_failed`` {listener, reason}; ``keys_reloaded`` {file,
   added, removed, changed}; ``keys_kept`` {file, reason}; ``internal_error`` {where,
-  error, reason}.
+  error, reason}; the stats listener (``-stats``): ``stats_listening`` {url},
+  ``stats_unavailable`` {path, error, reason} (no snapshot or answer could be
+  made), ``stats_request_failed`` {peer, error, reason}.
 * client: ``sent`` {payload, policy, proxy}, ``answer`` {server, payload},
   ``verified`` {server, payload}, ``wrong_hash`` {server, payload, expected},
   ``error_answer`` {code, error, payload}, ``unexpected`` {type, payload},
