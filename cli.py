@@ -105,6 +105,7 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
 """
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -501,6 +502,15 @@ def run(main):
         status = exc.code
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED
+    except OSError as exc:
+        # Out of descriptors or memory before the program could serve at all (the
+        # serving paths handle these themselves): a line, not a traceback.
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+            raise
+        print_error(f"{os.path.basename(sys.argv[0])}: cannot start: {exc.strerror} "
+                    f"(open descriptors allowed: {descriptor_limit()}; raise them with "
+                    "ulimit -n)")
+        status = 1
     finish(status)
 
 
@@ -643,10 +653,15 @@ def arg_listen_address(text):
 
 @arg_type
 def arg_id(text):
-    """An id or policy id: any non-empty text."""
+    """An id or policy id: non-empty text of at most ``protocol.MAX_ID_LENGTH`` (256)
+    characters, as a proxy takes them at SETUP (PROTOCOL.md section 10)."""
     if not text:
         raise ValueError("must not be empty")
-    return command_line_text(text)
+    text = command_line_text(text)
+    if len(text) > protocol.MAX_ID_LENGTH:
+        raise ValueError(f"'{text[:20]}...' is {len(text)} characters long; an id has at "
+                         f"most {protocol.MAX_ID_LENGTH}")
+    return text
 
 
 def command_line_text(text):

@@ -328,7 +328,7 @@ def build_parser():
                         metavar="SECONDS",
                         help="time a proxy may take to accept the connection; one that "
                         "does not counts as down (an unplugged host answers nothing)")
-    parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
+    parser.add_argument("-max-frame", type=cli.arg_frame_size, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest answer frame accepted; with -bench, "
                         "also the largest DATA frame built")
     parser.add_tls_options(None, "CA (PEM) that checks the proxy: connect over TLS")

@@ -436,7 +436,7 @@ def build_parser():
     parser.add_argument("-key-file", metavar="FILE",
                         help="file holding this policy's key, for proxies run with "
                              "-policy-keys")
-    parser.add_argument("-max-frame", type=cli.arg_count, default=protocol.DEFAULT_MAX_FRAME,
+    parser.add_argument("-max-frame", type=cli.arg_frame_size, default=protocol.DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="largest frame body accepted")
     parser.add_limit_options()
     parser.add_output_options("do not print the two lines per packet")

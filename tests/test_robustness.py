@@ -8,12 +8,13 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 import protocol
-from conftest import WAIT, Wire, run, sha1
+from conftest import PYTHON, ROOT, WAIT, Wire, run, sha1
 
 
 def has_ipv6():
@@ -133,6 +134,27 @@ def test_any_fault_while_connecting_to_a_server_is_upstream_failed(proxies, monk
 
 def low_limit(count):
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
+def test_too_few_descriptors_to_start_is_one_line_and_status_1():
+    # Down from a limit the proxy starts with, to the first it cannot start with:
+    # whichever descriptor it then lacks (a listener, the signal pipe), it says so in
+    # one line, never a traceback.
+    for limit in range(16, 2, -1):
+        proc = subprocess.Popen([PYTHON, "reverse_proxy.py", "-port", "0", "-quiet"],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=low_limit(limit))
+        line = proc.stdout.readline()
+        if line.startswith("Running the reverse proxy on port"):
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=WAIT)
+            continue
+        out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 1, (limit, line + out + err)
+        assert len(err.splitlines()) == 1, (limit, err)
+        assert err.startswith("reverse_proxy.py: ") and "Too many open files" in err, err
+        return
+    pytest.fail("the proxy started with 3 descriptors")
 
 
 def test_default_max_conns_fits_the_descriptor_limit_no_spin(nodes, fake_servers):
@@ -282,10 +304,25 @@ def test_a_storm_of_sigusr1_neither_kills_nor_stalls_the_proxy(nodes, fake_serve
 
 # --- Settings that cannot work ------------------------------------------------------------
 
-@pytest.mark.parametrize("program", ["reverse_proxy.py"])
-def test_a_max_frame_below_the_size_of_an_answer_is_a_usage_error(program):
-    done = run(program, "-max-frame", "100")
+@pytest.mark.parametrize("program, required", [
+    ("reverse_proxy.py", ()), ("server.py", ("-id", "1", "-pp", "1")),
+    ("client.py", ("-id", "1", "-pkt", "pktfiles/1.json"))])
+def test_a_max_frame_below_the_size_of_an_answer_is_a_usage_error(program, required):
+    done = run(program, *required, "-max-frame", "100")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
         f"{program}: error: argument -max-frame: 100 bytes is too small: every answer must "
         "fit (an ACK takes about 110 bytes plus its ids); use at least 512")
+
+
+@pytest.mark.parametrize("program, option, required", [
+    ("server.py", "-id", ("-pp", "1")), ("server.py", "-pp", ("-id", "1")),
+    ("client.py", "-id", ("-pkt", "pktfiles/1.json"))])
+def test_an_id_longer_than_a_proxy_takes_is_a_usage_error(program, option, required):
+    # A proxy refuses a SETUP id or policy id over 256 characters (PROTOCOL.md
+    # section 10): the server would be refused at every start.
+    done = run(program, *required, option, "x" * 257)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"{program}: error: argument {option}: '{'x' * 20}...' is 257 characters long; "
+        "an id has at most 256")
