@@ -176,14 +176,21 @@ def load_policy_keys(path):
         dict: policy text (or ``"*"``) -> key bytes.
 
     Raises:
-        ValueError: unreadable file or a malformed line, named with its number.
+        ValueError: unreadable file, a malformed line, or a policy given a key twice
+            (which key was meant cannot be known: nginx refuses a duplicate
+            directive the same way), named with its line number.
     """
     keys = {}
+    lines = {}  # policy -> the number of the line that gave its key
     for number, line in key_file_lines(path, "policy key file"):
         fields = line.split()
         if len(fields) != 2:
             raise ValueError(f"{path} line {number}: expected 'POLICY KEY', got {len(fields)} "
                              "fields")
+        if fields[0] in lines:
+            raise ValueError(f"{path} line {number}: policy '{fields[0]}' already has a key "
+                             f"on line {lines[fields[0]]}")
+        lines[fields[0]] = number
         keys[fields[0]] = fields[1].encode("utf-8")
     if not keys:
         raise ValueError(f"policy key file '{path}' has no 'POLICY KEY' line")

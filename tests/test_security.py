@@ -1011,6 +1011,23 @@ def test_star_key_covers_unnamed_policies_only(proxies, nodes, keyed):
     assert_clean_log(star)
 
 
+def test_a_policy_given_two_keys_makes_the_key_file_invalid(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("pA alpha\n# a comment\n* star\npA other\n", encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        gate.load_policy_keys(str(keys))
+    assert str(refused.value) == f"{keys} line 4: policy 'pA' already has a key on line 1"
+
+
+def test_a_policy_key_file_with_a_duplicate_is_a_usage_error_at_start(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("* one\n* two\n", encoding="utf-8")
+    done = run("reverse_proxy.py", "-port", 0, "-policy-keys", keys)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"reverse_proxy.py: error: {keys} line 2: policy '*' already has a key on line 1")
+
+
 def test_policy_without_key_accepts_no_server(proxies, nodes, tmp_path, wires, closed_port):
     keyfile = tmp_path / "only-a.keys"
     keyfile.write_text("pA alpha-key-1\n", encoding="utf-8")
