@@ -10,8 +10,13 @@
 * ``Peer`` (the ``peers`` fixture) is a scripted listener of any kind: a proxy that
   sends half a frame, refuses, falls silent...; ``read_frame`` and ``read_to_eof``
   read a raw socket.
+* Helpers every test module shares, defined here once: ``sha1``, ``frame``, ``data``,
+  ``free_port``, ``wait_until``, ``cpu_seconds``, ``ipv6_loopback``, and the
+  no-traceback checks (``assert_no_traceback``, ``assert_clean_log``, and the
+  ``no_traceback_in_nodes`` fixture a module opts in to).
 """
 
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +38,13 @@ import protocol  # noqa: E402
 
 PYTHON = sys.executable
 WAIT = 10.0  # seconds any single wait in a test may take before it fails
+POLL = 0.05  # seconds between two looks at a state in wait_until: a twentieth of a
+# second is below any delay a test here measures, and light enough for a condition
+# that runs a program (xwininfo) or scans /proc
+PROGRAMS = ("reverse_proxy.py", "server.py", "client.py")  # the three command lines
+# The answers a stats snapshot counts: ACK and the ERROR codes (PROTOCOL.md section 2)
+CODES = ("ACK", "BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER",
+         "UPSTREAM_FAILED", "TIMEOUT", "OVERLOADED", "UNAUTHORIZED")
 
 
 class Node:
@@ -186,7 +198,7 @@ class Wire:
 
     def send_body(self, body):
         """Send ``body`` (bytes) as one well-framed frame."""
-        self.sock.sendall(len(body).to_bytes(4, "big") + body)
+        self.sock.sendall(frame(body))
 
     def receive(self, timeout=None):
         """Return the next message as a plain dict (type an int), or None at EOF."""
@@ -386,6 +398,84 @@ def log_watch():
     logger.setLevel(level)
 
 
+# --- Waits and checks ------------------------------------------------------------------
+
+def wait_until(condition, what, timeout=WAIT):
+    """Poll ``condition()`` every POLL seconds until it returns a true value, and
+    return that value; after ``timeout`` seconds, fail the test naming ``what`` (a
+    string, or a function that returns one then, to show the state at that time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what() if callable(what) else what}")
+        time.sleep(POLL)
+
+
+def _name_and_output(holder):
+    """(name, text) of what ``holder`` printed or logged: a CompletedProcess (stdout
+    then stderr), a Node, a LogWatch, or a proxy in a thread of the test (its
+    ``.log``)."""
+    if isinstance(holder, subprocess.CompletedProcess):
+        streams = [stream.decode("utf-8", "replace") if isinstance(stream, bytes) else stream
+                   for stream in (holder.stdout, holder.stderr) if stream]
+        return " ".join(map(str, holder.args)), "".join(streams)
+    name = getattr(holder, "name", type(holder).__name__)
+    if hasattr(holder, "log"):
+        return name, "\n".join(holder.log.lines)
+    if isinstance(holder, Node):
+        return name, holder.output
+    return name, "\n".join(holder.lines)
+
+
+def assert_no_traceback(*holders):
+    """No Python traceback ("Traceback" anywhere) in what any of ``holders`` printed
+    or logged (CompletedProcess, Node, LogWatch, or a proxy with a ``.log``)."""
+    for holder in holders:
+        name, output = _name_and_output(holder)
+        at = output.find("Traceback")
+        assert at < 0, f"{name} printed a traceback:\n{output[max(0, at - 500):at + 3000]}"
+
+
+def assert_clean_log(*holders):
+    """``assert_no_traceback``, and no one-line "internal error" (a failure the
+    program caught but did not expect) either."""
+    assert_no_traceback(*holders)
+    for holder in holders:
+        name, output = _name_and_output(holder)
+        assert "internal error" not in output, (name, [
+            line for line in output.splitlines() if "internal error" in line][:5])
+
+
+@pytest.fixture
+def no_traceback_in_nodes(nodes):
+    """No node started by the test printed a traceback (checked at its end); a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("no_traceback_in_nodes")``."""
+    yield
+    assert_no_traceback(*nodes.started)
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of process ``pid`` so far, in seconds (from /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ipv6_loopback():
+    """True when this machine can bind ::1."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def proxies(log_watch):
     """Start ``reverse_proxy.ReverseProxy`` in a thread of the test process: call
@@ -408,9 +498,27 @@ def proxies(log_watch):
     assert not log_watch.count("internal error"), log_watch.lines
 
 
+# --- Messages and frames ------------------------------------------------------------
+
 def sha1(text):
-    """The lowercase hex SHA-1 of the UTF-8 bytes of ``text``: an ACK's payload."""
-    return protocol.sha1_hex(text)
+    """The lowercase hex SHA-1 of the UTF-8 bytes of ``text``: an ACK's payload,
+    computed here with hashlib rather than ``protocol.sha1_hex`` so that the servers'
+    hashes are checked against an oracle of the test's own."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def frame(body):
+    """One well-framed frame around ``body`` (bytes): its 4-byte big-endian length,
+    then it (PROTOCOL.md section 1), written out here rather than taken from
+    ``protocol`` so that the tests of the framing have their own oracle."""
+    return len(body).to_bytes(4, "big") + body
+
+
+def data(srcid, policy, payload, **extra):
+    """A DATA message (PROTOCOL.md section 2) as a plain dict, written out here rather
+    than made by ``protocol.data`` so that what goes on the wire is the test's own;
+    ``extra`` fields are added as they are."""
+    return {"type": 0, "srcid": srcid, "privPoliId": policy, "payload": payload, **extra}
 
 
 def write_packets(tmp_path, name, packets):
@@ -423,8 +531,10 @@ def write_packets(tmp_path, name, packets):
 
 # --- Raw peers ----------------------------------------------------------------------
 
-def closed_port():
-    """A TCP port on 127.0.0.1 where nothing listens (bound, then released)."""
+def free_port():
+    """A TCP port on 127.0.0.1 where nothing listens: bound, then released. A
+    connection to it is refused, and a program may be started on it (the race with
+    another program taking it in between is the price of a port chosen in advance)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -22,7 +22,7 @@ import pytest
 import loadgen
 import netio
 import protocol
-from conftest import ROOT, closed_port, run, write_packets
+from conftest import ROOT, free_port, run, write_packets
 
 BENCH = ("client.py", "-id", "7", "-pkt", "pktfiles/1.json")  # policy 111
 
@@ -202,7 +202,7 @@ def test_bench_plain_to_a_tls_proxy_hints_at_tls_ca(proxies, pki):
 
 
 def test_bench_unreachable_proxy_one_line_exit_1():
-    port = closed_port()
+    port = free_port()
     done = run(*BENCH, "-revproc", port, "-bench", 1, "-conns", 2)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
@@ -212,7 +212,7 @@ def test_bench_unreachable_proxy_one_line_exit_1():
 # --- Several proxies: failover when opening, losses reported per connection ---------------
 
 def test_bench_skips_a_proxy_that_refuses_and_says_so(fake_servers):
-    down, fake = closed_port(), fake_servers("900")
+    down, fake = free_port(), fake_servers("900")
     done, summary = bench("-conns", 2, "-depth", 1, revproc=f"{down},{fake.port}")
     assert done.returncode == 0, done.stdout + done.stderr
     assert summary["errors"] == 0 and summary["packets"] == fake.count > 0
@@ -225,7 +225,7 @@ def test_bench_skips_a_proxy_that_refuses_and_says_so(fake_servers):
 
 
 def test_bench_exits_1_when_no_proxy_accepts_naming_each():
-    first, second = closed_port(), closed_port()
+    first, second = free_port(), free_port()
     done = run(*BENCH, "-revproc", f"{first},{second}", "-bench", 1, "-conns", 2)
     assert done.returncode == 1
     assert done.stdout == ""

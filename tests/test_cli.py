@@ -6,7 +6,6 @@ answer within -timeout) and 2 for a packet file it cannot use, naming the file. 
 output ever holds a Python traceback. Processes run on 127.0.0.1, port 0.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -16,25 +15,9 @@ import time
 import pytest
 
 import protocol
-from conftest import ROOT, closed_port, run, write_packets
+from conftest import PROGRAMS, ROOT, assert_no_traceback, free_port, run, sha1, write_packets
 
-PROGRAMS = ("reverse_proxy.py", "server.py", "client.py")
-
-
-def sha1(text):
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def no_traceback(result):
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output, output
-
-
-@pytest.fixture(autouse=True)
-def no_traceback_in_nodes(nodes):
-    yield
-    for node in nodes.started:
-        assert "Traceback" not in node.output, f"{node.name}:\n{node.output}"
+pytestmark = pytest.mark.usefixtures("no_traceback_in_nodes")
 
 
 def add_fake(fake_servers, proxy, server_id, policy, behaviour=None):
@@ -84,7 +67,7 @@ def test_usage_error_exits_2_with_usage_on_stderr(args, named):
     assert result.stderr.startswith(f"usage: {args[0]} "), result.stderr
     assert named in result.stderr.splitlines()[-1], result.stderr
     assert result.stdout == ""
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 HELP_OPTIONS = {
@@ -103,7 +86,7 @@ def test_help_exits_0_and_lists_every_option(program):
     in_usage = set(re.findall(r"\[?(-[\w-]+)", result.stdout.split("\n\n")[0]))
     assert set(HELP_OPTIONS[program]) <= listed
     assert in_usage - {"-h"} <= listed, in_usage - listed
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 @pytest.mark.parametrize("program", ["server.py", "client.py"])
@@ -119,13 +102,13 @@ def test_help_shows_defaults_once_and_without_python_reprs(program):
 # --- Run-time failures of the client: exit 1 -------------------------------------------
 
 def test_client_exits_1_when_the_proxy_cannot_be_reached():
-    port = closed_port()
+    port = free_port()
     result = run("client.py", "-id", "1", "-revproc", port, "-pkt", "pktfiles/1.json")
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert str(port) in lines[0]
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 def test_client_exits_1_on_an_error_answer(nodes):
@@ -134,7 +117,7 @@ def test_client_exits_1_on_an_error_answer(nodes):
     assert result.returncode == 1
     assert re.search(r"NO_SERVER.*111", result.stdout), result.stdout
     assert "Hash of payload is correct" not in result.stdout
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 def test_client_exits_1_on_a_wrong_hash(nodes, fake_servers):
@@ -145,7 +128,7 @@ def test_client_exits_1_on_a_wrong_hash(nodes, fake_servers):
     assert result.returncode == 1
     assert f"Receiving a response from the server 666 payload: {'0' * 40}" in result.stdout
     assert "Hash of payload is correct" not in result.stdout
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 def test_client_timeout_when_the_server_never_answers(nodes, fake_servers):
@@ -159,7 +142,7 @@ def test_client_timeout_when_the_server_never_answers(nodes, fake_servers):
     assert elapsed < 3.0
     assert "no answer" in result.stderr
     assert fake.count == 1
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 # --- Packet files: exit 2 naming the file ------------------------------------------------
@@ -184,11 +167,11 @@ def test_client_exits_2_for_an_unusable_packet_file(tmp_path, content):
     path = tmp_path / "packets.json"
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    result = run("client.py", "-id", "1", "-revproc", closed_port(), "-pkt", path)
+    result = run("client.py", "-id", "1", "-revproc", free_port(), "-pkt", path)
     assert result.returncode == 2, result
     assert str(path) in result.stderr
     assert result.stderr.startswith("usage: client.py ")
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 PACKET = {"type": "0", "srcid": "zz", "privPoliId": "111", "payload": "p0"}
@@ -217,7 +200,7 @@ def test_client_packet_file_formats_all_answered_with_srcid_from_id(
             if line.startswith("Receiving a response")] == [
         f"Receiving a response from the server 900 payload: {sha1(p)}" for p in payloads]
     assert result.stdout.count("Hash of payload is correct") == len(payloads)
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 def test_client_sends_non_ascii_payloads(nodes, tmp_path):
@@ -228,7 +211,7 @@ def test_client_sends_non_ascii_payloads(nodes, tmp_path):
     result = run("client.py", "-id", "1", "-revproc", proxy.port, "-pkt", path)
     assert result.returncode == 0, result
     assert f"Receiving a response from the server 100 payload: {sha1(payload)}" in result.stdout
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 # --- The assignment's files and demo -------------------------------------------------------
@@ -270,7 +253,7 @@ def test_assignment_demo_with_its_terminal_output(nodes):
             f"running on port {proxy.port}",
             f"Receiving a response from the server {server_id} payload: {digest}",
             "Hash of payload is correct"]
-        no_traceback(result)
+        assert_no_traceback(result)
         servers[server_id].wait_for(
             rf"^Sending a response to the client {number} payload: {digest}$")
         assert (f"Received a message from client {number} payload: {payload}"
@@ -298,7 +281,7 @@ def test_a_tls_file_that_is_not_pem_is_named(tmp_path, args, option):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         f"{args[0]}: error: {option}: '{bad}' holds no PEM certificate")
-    no_traceback(result)
+    assert_no_traceback(result)
 
 
 def test_server_exits_1_when_its_listen_port_is_busy(nodes):
@@ -309,4 +292,4 @@ def test_server_exits_1_when_its_listen_port_is_busy(nodes):
                      "-revproc", proxy.port)
     assert result.returncode == 1
     assert str(port) in result.stderr
-    no_traceback(result)
+    assert_no_traceback(result)

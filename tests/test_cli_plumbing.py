@@ -8,7 +8,6 @@ holds: closed before they write (``| true``), closed after one line (``| head -n
 """
 
 import calendar
-import hashlib
 import json
 import logging
 import os
@@ -25,17 +24,13 @@ import pytest
 
 import cli
 import protocol
-from conftest import PYTHON, ROOT, WAIT, Wire, run, write_packets
+from conftest import PYTHON, ROOT, WAIT, Wire, run, sha1, write_packets
 
 STAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
 PAYLOAD = "日本"
 ESCAPED = "\\u65e5\\u672c"  # PAYLOAD as backslashreplace writes it
 ENCODINGS = {"latin-1": {"PYTHONIOENCODING": "latin-1"},
              "C locale": {"LC_ALL": "C", "PYTHONUTF8": "0"}}
-
-
-def sha1(text):
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def record(message, *args, level=logging.INFO, created=None, extra=None):

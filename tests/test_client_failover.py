@@ -28,7 +28,7 @@ import pytest
 
 import netio
 import protocol
-from conftest import closed_port, read_frame, read_to_eof, run, sha1, write_packets
+from conftest import free_port, read_frame, read_to_eof, run, sha1, write_packets
 
 TIMEOUT = 1.0  # the client's -timeout in these tests, seconds
 # Seconds a client may take beyond the bound under test: an interpreter's start and
@@ -237,7 +237,7 @@ def test_tls_hint_for_a_plain_client_reset_by_a_tls_proxy(proxies, pki, tmp_path
 # --- What is printed, and when ----------------------------------------------------------
 
 def test_sending_lines_name_the_proxy_that_accepted_and_counts_agree(good_proxy, tmp_path):
-    down = closed_port()
+    down = free_port()
     pkt = write_packets(tmp_path, "two.json", packets(2))
     done, _ = client(pkt, down, good_proxy.port, options=("-log-format", "json"))
     assert done.returncode == 0, done.stderr

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import eventloop
 import netio
 import protocol
-from conftest import WAIT, closed_port
+from conftest import WAIT, free_port
 from protocol import FrameError, frame_of
 
 # Hypothesis: about a second in all, no example database written to the work tree.
@@ -673,7 +673,7 @@ def test_connect_to_a_listener_makes_the_connection_then_frames_go_both_ways(lt)
 
 
 def test_connect_to_a_closed_port_closes_with_connection_refused(lt):
-    client = lt.connecting("127.0.0.1", closed_port())
+    client = lt.connecting("127.0.0.1", free_port())
     (exc,) = client.wait_for("closed")
     assert isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED
     assert client.names() == ["closed"]

@@ -35,7 +35,8 @@ import time
 import pytest
 
 import protocol
-from conftest import PYTHON, ROOT, WAIT, Wire, run, write_packets
+from conftest import (PYTHON, ROOT, WAIT, Wire, assert_no_traceback, free_port, run, wait_until,
+                      write_packets)
 from protocol import MessageType
 
 T = 0.5  # -upstream-timeout of the proxy in these tests, seconds
@@ -54,21 +55,6 @@ def figure(name, seconds):
 
 def payload_of(client_id, index):
     return f"{client_id}-packet-{index}"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, what, timeout=WAIT):
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.01)
 
 
 def wait_line(node, pattern, start=0, timeout=WAIT):
@@ -91,11 +77,6 @@ def wait_line(node, pattern, start=0, timeout=WAIT):
 def matching(node, pattern, start=0, end=None):
     regex = re.compile(pattern)
     return [line for line in list(node.lines)[start:end] if regex.search(line)]
-
-
-def assert_no_traceback(*nodes):
-    for node in nodes:
-        assert "Traceback" not in node.output, f"{node.name} printed a traceback:\n{node.output}"
 
 
 def start_servers(nodes, proxy, policy, ids, *options):

@@ -12,18 +12,11 @@ import time
 import pytest
 
 import protocol
-from conftest import ROOT, WAIT, Wire, sha1
+from conftest import ROOT, WAIT, Wire, free_port, sha1
 
 HAPROXY = shutil.which("haproxy")
 pytestmark = pytest.mark.skipif(
     HAPROXY is None, reason="HAProxy not found: apt-get install haproxy")
-
-
-def free_port():
-    # HAProxy needs a concrete port for its frontend; the race with another program
-    # taking it in between is as small as the suite's other uses of a free port.
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
 
 
 def front_tier_config(tmp_path, front, backends):

@@ -41,7 +41,7 @@ from importlib.machinery import SourceFileLoader
 
 import pytest
 
-from conftest import PYTHON, ROOT, WAIT, Node, run
+from conftest import PROGRAMS, PYTHON, ROOT, WAIT, Node, run, wait_until
 
 _loader = SourceFileLoader("main_linux", os.path.join(ROOT, "main_linux"))
 launcher = importlib.util.module_from_spec(importlib.util.spec_from_loader("main_linux", _loader))
@@ -49,7 +49,6 @@ _loader.exec_module(launcher)
 
 RUN_TIMEOUT = 60.0  # seconds for a whole demo run: 11 nodes, each with a 10 s bound
 STOP_TIMEOUT = 30.0  # seconds for a launcher to stop its nodes (each is bounded to 6 s)
-PROGRAMS = ("reverse_proxy.py", "server.py", "client.py")
 SUMMARY = """\
 client  policy  answered by server  hash correct
 ------  ------  ------------------  ------------
@@ -95,20 +94,6 @@ def leftovers(base, launcher_pid=None):
         if node or mark in args:
             found.append(int(entry))
     return found
-
-
-def wait_until(condition, what, timeout=WAIT):
-    """Poll ``condition()`` until it returns a true value, and return that value;
-    after ``timeout`` seconds, fail the test with ``what`` (a string, or a function
-    that returns one then)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what() if callable(what) else what} within {timeout} s")
-        time.sleep(0.1)  # polling interval
 
 
 class Launchers:

@@ -9,11 +9,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
+from conftest import CODES
 from metrics import LATENCY_BOUNDS, WINDOW_SECONDS, LatencyWindow
 
 MS = 1e-3
-CODES = ("ACK", "BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER",
-         "UPSTREAM_FAILED", "TIMEOUT", "OVERLOADED", "UNAUTHORIZED")
 
 
 def exactly(value):

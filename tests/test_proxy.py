@@ -20,7 +20,9 @@ import time
 import pytest
 
 import protocol
-from conftest import WAIT, Wire, run
+from conftest import WAIT, Wire, data, frame, run, sha1
+
+pytestmark = pytest.mark.usefixtures("no_traceback_in_nodes")
 
 
 # --- Helpers -----------------------------------------------------------------------
@@ -39,22 +41,9 @@ class RawWire:
         self.sock.close()
 
 
-def sha1(text):
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def frame(body):
-    """One well-framed frame around ``body`` (bytes)."""
-    return len(body).to_bytes(4, "big") + body
-
-
 def encode(message):
     """One frame holding ``message`` as compact UTF-8 JSON (no ``\\u`` escapes)."""
     return frame(json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-
-
-def data(srcid, policy, payload, **extra):
-    return {"type": 0, "srcid": srcid, "privPoliId": policy, "payload": payload, **extra}
 
 
 def recv(wire, timeout=WAIT):
@@ -97,14 +86,6 @@ def add_fake(fake_servers, proxy, server_id, policy, behaviour=None):
     wire.close()
     assert answer == {"type": 4, "id": server_id, "privPolyId": policy}, answer
     return fake
-
-
-@pytest.fixture(autouse=True)
-def no_traceback(nodes):
-    """No program started by a test prints a traceback."""
-    yield
-    for node in nodes.started:
-        assert "Traceback" not in node.output, f"{node.name}:\n{node.output}"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import metrics
 import protocol
 import stats
-from conftest import WAIT, Wire, sha1
+from conftest import WAIT, Wire, sha1, wait_until
 from test_stats import chromium, needs_chromium
 
 
@@ -67,13 +67,6 @@ def samples(text):
     """Prometheus text -> {(name, frozenset(labels.items())): value}."""
     return {(sample.name, frozenset(sample.labels.items())): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def wait_until(predicate, what):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {WAIT} s: {what}"
-        time.sleep(0.02)  # polling a state another thread changes, bounded above
 
 
 def test_every_endpoint_counts_known_traffic_exactly(observed, fake_servers):

@@ -28,13 +28,6 @@ def has_ipv6():
 needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback (::1) here")
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of process ``pid``, seconds (from /proc)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def descriptors(pid):
     """Open descriptors of process ``pid`` (from /proc)."""
     return len(os.listdir(f"/proc/{pid}/fd"))

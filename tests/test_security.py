@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import gate
 import protocol
-from conftest import WAIT, Wire, run, write_packets
+from conftest import WAIT, Wire, assert_clean_log, data, frame, run, sha1, write_packets
 
 MAX_FRAME = protocol.DEFAULT_MAX_FRAME
 TRACEBACK = re.compile(r"^\s*Traceback \(most recent call last\)", re.M)
@@ -35,29 +35,6 @@ NONCE = re.compile(r"^[0-9a-f]{32}$")
 
 
 # --- Helpers ------------------------------------------------------------------------
-
-def sha1(text):
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def data(srcid, policy, payload, **extra):
-    return {"type": 0, "srcid": srcid, "privPoliId": policy, "payload": payload, **extra}
-
-
-def frame(body):
-    """A well-framed frame around ``body`` (bytes)."""
-    return len(body).to_bytes(4, "big") + body
-
-
-def assert_clean_log(node):
-    """No Python traceback and no one-line 'internal error' in a program's output, or
-    in the log of a proxy in a thread of the test."""
-    lines = node.log.lines if hasattr(node, "log") else node.lines
-    output = "\n".join(lines)
-    assert not TRACEBACK.search(output), output[-3000:]
-    assert "internal error" not in output, [
-        line for line in lines if "internal error" in line][:5]
-
 
 def read_until_eof(sock, timeout=WAIT):
     """Read every frame until the peer closes; return (messages, partial) where
@@ -120,7 +97,9 @@ def ask(port, message, timeout=WAIT):
 
 @pytest.fixture
 def closed_port():
-    """A port bound but not listening: a connection to it is refused at once."""
+    """A port bound but not listening: a connection to it is refused at once. Unlike
+    ``conftest.free_port`` it stays bound to the end of the test, so that no other
+    program can take it while the fuzz tests name it in their hundreds of examples."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     yield sock.getsockname()[1]

@@ -27,14 +27,11 @@ import time
 
 import pytest
 
-from conftest import WAIT, Wire, closed_port, read_frame, read_to_eof, run
+from conftest import (WAIT, Wire, assert_no_traceback, cpu_seconds, free_port, ipv6_loopback,
+                      read_frame, read_to_eof, run, sha1, wait_until)
 import protocol
 
 ACK = protocol.MessageType.ACK
-
-
-def sha1(text):
-    return protocol.sha1_hex(text)
 
 
 def answered_by(port, policy, count, host="127.0.0.1"):
@@ -58,31 +55,9 @@ def answered_by(port, policy, count, host="127.0.0.1"):
         wire.close()
 
 
-def wait_until(predicate, timeout=WAIT, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not hold within {timeout} s")
-        time.sleep(0.02)
-
-
-def no_traceback(node):
-    assert "Traceback" not in node.output, node.output
-
-
 def left(proxy, server_id, policy):
     proxy.wait_for(rf"^server id {server_id} of privacy policy {policy} left: its "
                    rf"session closed$")
-
-
-def ipv6_loopback():
-    """True when this machine can bind ::1."""
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
@@ -108,7 +83,7 @@ def test_registers_with_every_proxy_and_sigterm_leaves_them_all(nodes):
     for proxy in (a, b):
         left(proxy, "s1", "111")
     server.wait_for(r"^Stopping: leaving the rotation of 2 proxies, then answering")
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 def test_one_proxy_killed_and_restarted_leaves_the_other_session_alone(nodes):
@@ -136,7 +111,7 @@ def test_one_proxy_killed_and_restarted_leaves_the_other_session_alone(nodes):
     assert server.stop() == 0
     left(restarted, "s2", "111")
     left(b, "s2", "111")
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 @pytest.fixture
@@ -166,7 +141,7 @@ def test_a_refusal_stops_only_the_session_with_the_proxy_that_refused(nodes, pol
     assert server.stop() == 0
     left(good, "s3", "pK")
     assert refusing.count(r"unauthorized: wrong proof") == 1
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 def test_refused_by_every_proxy_exits_1_naming_each(nodes, policy_keys):
@@ -178,7 +153,7 @@ def test_refused_by_every_proxy_exits_1_naming_each(nodes, policy_keys):
              r"\(the proxy requires a key: give -key-file\)")
     server.wait_for(rf"^server\.py: every reverse proxy refused registration: "
                     rf"127\.0\.0\.1:{a.port}: {needs}; 127\.0\.0\.1:{b.port}: {needs}$")
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 # --- Weights --------------------------------------------------------------------------
@@ -260,13 +235,6 @@ def test_any_address_listens_on_ipv6_and_ipv4_and_the_proxy_uses_what_it_sees(no
 
 # --- Running out of descriptors ----------------------------------------------------
 
-def cpu_seconds(pid):
-    """User plus system CPU time of process ``pid`` so far, in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
 def test_out_of_descriptors_the_accept_loop_pauses_then_serves_again(nodes):
     limit = 40
@@ -298,7 +266,7 @@ def test_out_of_descriptors_the_accept_loop_pauses_then_serves_again(nodes):
     assert answered_by(proxy.port, "111", 2) == ["s8", "s8"]
     assert server.count(r"cannot accept connections") == 1
     assert server.stop() == 0
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 # --- Faults of a proxy, seen from the server ---------------------------------------------
@@ -355,7 +323,7 @@ def test_a_full_proxy_is_asked_again_until_it_has_room(nodes, wires):
     full.wait_for(r"^Received setup message from server id s10 privacy policy 111 ")
     assert answered_by(other.port, "111", 2) == ["s10", "s10"]
     assert server.stop() == 0
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 def test_with_its_only_proxy_full_the_server_keeps_asking_and_registers_once_it_has_room(
@@ -371,7 +339,7 @@ def test_with_its_only_proxy_full_the_server_keeps_asking_and_registers_once_it_
                     r"server id s11")
     assert server.stop() == 0
     left(full, "s11", "111")
-    no_traceback(server)
+    assert_no_traceback(server)
 
 
 def test_two_servers_with_one_id_are_told_that_they_take_turns(nodes):
@@ -386,13 +354,13 @@ def test_two_servers_with_one_id_are_told_that_they_take_turns(nodes):
                what="a twin told of the other")
     for twin in twins:
         assert twin.stop() == 0
-        no_traceback(twin)
+        assert_no_traceback(twin)
 
 
 # --- Signals and the stop ------------------------------------------------------------------
 
 def test_sigusr1_prints_each_session_and_the_answers_sighup_nothing_to_reload(nodes):
-    proxy, down = nodes.proxy(), closed_port()
+    proxy, down = nodes.proxy(), free_port()
     server = nodes.server("s12", "111", f"{proxy.port},{down}", "-quiet", wait=False)
     server.wait_for(rf"^Registered with the reverse proxy at 127\.0\.0\.1:{proxy.port} ")
     server.wait_for(rf"^Cannot reach the reverse proxy at 127\.0\.0\.1:{down} ")
@@ -415,4 +383,4 @@ def test_sigusr1_prints_each_session_and_the_answers_sighup_nothing_to_reload(no
     server.wait_for(r"^Stopping: leaving the rotation of 1 proxy, then answering the "
                     r"frames already received$")
     left(proxy, "s12", "111")
-    no_traceback(server)
+    assert_no_traceback(server)

@@ -21,10 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
 import stats
-from conftest import WAIT
+from conftest import CODES, WAIT, ipv6_loopback
 
-CODES = ("ACK", "BAD_FRAME", "FRAME_TOO_LARGE", "BAD_MESSAGE", "NO_SERVER",
-         "UPSTREAM_FAILED", "TIMEOUT", "OVERLOADED", "UNAUTHORIZED")
 EVIL = '<script>alert("x")</script>'
 
 
@@ -245,17 +243,6 @@ def test_port_url_and_ready_line(serve):
     assert stats_server.url == f"http://127.0.0.1:{stats_server.port}/"
     url = f"http://127.0.0.1:{stats_server.port}/"
     assert records.seen == [("INFO", "stats_listening", {"url": url}, f"Stats on {url}")]
-
-
-def ipv6_loopback():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
