@@ -422,7 +422,7 @@ def _name_and_output(holder):
         streams = [stream.decode("utf-8", "replace") if isinstance(stream, bytes) else stream
                    for stream in (holder.stdout, holder.stderr) if stream]
         return " ".join(map(str, holder.args)), "".join(streams)
-    name = getattr(holder, "name", type(holder).__name__)
+    name = getattr(holder, "name", None) or type(holder).__name__
     if hasattr(holder, "log"):
         return name, "\n".join(holder.log.lines)
     if isinstance(holder, Node):

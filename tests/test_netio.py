@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 import netio
 import protocol
 from conftest import WAIT
-from protocol import FrameError, FrameTooLarge, MessageError, MessageType
+from protocol import FrameError, FrameTooLarge, MessageError, MessageType, encode_frame
 
 # Hypothesis: about a second in all, no example database written to the work tree.
 FAST = settings(deadline=None, max_examples=200, database=None,
@@ -50,12 +50,7 @@ PAIR_KINDS = ["socketpair", "tcp"]
 
 # --- Helpers ------------------------------------------------------------------------
 
-def frame(message):
-    """The frame of ``message`` (dict), as a peer sends it."""
-    return protocol.encode_frame(message)
-
-
-def data(n):
+def nth_data(n):
     """DATA message number ``n``: a different payload each."""
     return protocol.data("c1", "111", f"payload {n}")
 
@@ -251,7 +246,7 @@ _MESSAGES = st.one_of(
     st.just(protocol.pong()),
 )
 # Mostly valid messages, some bodies that are not (random bytes: BAD_MESSAGE items).
-_BODIES = st.one_of(_MESSAGES.map(lambda message: frame(message)[4:]),
+_BODIES = st.one_of(_MESSAGES.map(lambda message: encode_frame(message)[4:]),
                     st.binary(min_size=1, max_size=40))
 MAX_FRAME = 1024
 
@@ -300,10 +295,10 @@ def test_receive_batch_hands_out_each_frame_once_in_order_however_the_reads_spli
     frame_ends = list(itertools.accumulate(len(body) + 4 for body in bodies))
     error_at = None
     if tail == "partial":
-        stream += frame(data(1))[:data_.draw(st.integers(1, 20), "partial bytes")]
+        stream += encode_frame(nth_data(1))[:data_.draw(st.integers(1, 20), "partial bytes")]
     elif tail == "bad_length":
         error_at = len(stream)
-        stream += b"\0\0\0\0" + frame(data(2))
+        stream += b"\0\0\0\0" + encode_frame(nth_data(2))
     elif tail == "too_large":
         error_at = len(stream)
         stream += (MAX_FRAME + 1).to_bytes(4, "big") + b"x" * 8
@@ -360,14 +355,14 @@ def test_receive_hands_out_one_item_at_a_time_and_raises_each_bad_message_in_pla
 
 def test_receive_batch_returns_a_frame_sent_a_byte_at_a_time_by_a_live_peer(kit):
     conn, peer = kit.pair()
-    whole = frame(data(1))
+    whole = encode_frame(nth_data(1))
 
     def dribble():
         for i in range(len(whole)):
             peer.sendall(whole[i:i + 1])
 
     feeder = kit.spawn(dribble)
-    assert conn.receive_batch(WAIT, WAIT) == [data(1)]
+    assert conn.receive_batch(WAIT, WAIT) == [nth_data(1)]
     feeder.result()
 
 
@@ -375,25 +370,27 @@ def test_receive_batch_returns_a_frame_sent_a_byte_at_a_time_by_a_live_peer(kit)
 
 def test_receive_batch_returns_the_bad_message_error_in_order_and_reading_goes_on(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1)) + protocol.frame_of(BAD_BODY) + frame(data(2)))
+    peer.sendall(encode_frame(nth_data(1)) + protocol.frame_of(BAD_BODY)
+                 + encode_frame(nth_data(2)))
     items = conn.receive_batch(WAIT, WAIT)
     assert [type(item) for item in items] == [dict, MessageError, dict]
-    assert (items[0], str(items[1]), items[2]) == (data(1), BAD_BODY_ERROR, data(2))
+    assert (items[0], str(items[1]), items[2]) == (nth_data(1), BAD_BODY_ERROR, nth_data(2))
     assert items[1].code == "BAD_MESSAGE"
-    peer.sendall(frame(data(3)))
-    assert conn.receive_batch(WAIT, WAIT) == [data(3)]
+    peer.sendall(encode_frame(nth_data(3)))
+    assert conn.receive_batch(WAIT, WAIT) == [nth_data(3)]
 
 
 def test_receive_raises_the_bad_message_and_the_next_receive_returns_the_next_frame(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1)) + protocol.frame_of(BAD_BODY) + frame(data(2)))
-    assert conn.receive(WAIT, WAIT) == data(1)
+    peer.sendall(encode_frame(nth_data(1)) + protocol.frame_of(BAD_BODY)
+                 + encode_frame(nth_data(2)))
+    assert conn.receive(WAIT, WAIT) == nth_data(1)
     with pytest.raises(MessageError) as caught:
         conn.receive(WAIT, WAIT)
     assert str(caught.value) == BAD_BODY_ERROR
-    assert conn.receive(WAIT, WAIT) == data(2)
-    peer.sendall(frame(data(3)))
-    assert conn.receive(WAIT, WAIT) == data(3)
+    assert conn.receive(WAIT, WAIT) == nth_data(2)
+    peer.sendall(encode_frame(nth_data(3)))
+    assert conn.receive(WAIT, WAIT) == nth_data(3)
 
 
 @pytest.mark.parametrize("prefix, error, code", [
@@ -403,8 +400,9 @@ def test_receive_raises_the_bad_message_and_the_next_receive_returns_the_next_fr
 def test_bad_length_prefix_raises_frame_error_after_the_good_frames_before_it(
         kit, prefix, error, code):
     conn, peer = kit.pair(max_frame=MAX_FRAME)
-    peer.sendall(frame(data(1)) + frame(data(2)) + prefix + frame(data(3)))
-    assert conn.receive_batch(WAIT, WAIT) == [data(1), data(2)]
+    peer.sendall(encode_frame(nth_data(1)) + encode_frame(nth_data(2)) + prefix
+                 + encode_frame(nth_data(3)))
+    assert conn.receive_batch(WAIT, WAIT) == [nth_data(1), nth_data(2)]
     for _ in range(2):  # the stream is out of step for good
         with pytest.raises(error) as caught:
             conn.receive_batch(WAIT, WAIT)
@@ -413,9 +411,9 @@ def test_bad_length_prefix_raises_frame_error_after_the_good_frames_before_it(
 
 def test_receive_at_eof_in_the_middle_of_a_frame_drops_it_and_returns_none(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1)) + frame(data(2))[:9])
+    peer.sendall(encode_frame(nth_data(1)) + encode_frame(nth_data(2))[:9])
     peer.shutdown(socket.SHUT_WR)
-    assert conn.receive(WAIT, WAIT) == data(1)
+    assert conn.receive(WAIT, WAIT) == nth_data(1)
     assert conn.receive(WAIT, WAIT) is None
 
 
@@ -431,7 +429,7 @@ def test_idle_timeout_between_frames_raises_connection_timeout_not_mid_frame(kit
 
 def test_stalled_frame_raises_connection_timeout_mid_frame_after_frame_timeout(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1))[:6])
+    peer.sendall(encode_frame(nth_data(1))[:6])
     exc, took = timed(conn.receive_batch, idle_timeout=WAIT, frame_timeout=0.05)
     assert isinstance(exc, netio.ConnectionTimeout) and exc.mid_frame is True
     assert str(exc) == "timed out waiting for the rest of a frame from peer:1"
@@ -440,7 +438,7 @@ def test_stalled_frame_raises_connection_timeout_mid_frame_after_frame_timeout(k
 
 def test_frame_timeout_counts_from_the_first_byte_not_from_the_last(kit, clock):
     conn, peer = kit.pair(ends=[1, 2])  # two reads of one byte each, then a wait
-    peer.sendall(frame(data(1))[:2])
+    peer.sendall(encode_frame(nth_data(1))[:2])
 
     def second_byte_late(position):
         if position == 1:
@@ -462,7 +460,7 @@ def test_deadline_bounds_an_idle_wait_with_no_idle_timeout(kit):
 
 def test_deadline_cuts_a_longer_frame_timeout_short_mid_frame(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1))[:3])
+    peer.sendall(encode_frame(nth_data(1))[:3])
     exc, took = timed(conn.receive_batch, idle_timeout=WAIT, frame_timeout=WAIT,
                       deadline=netio.Deadline(0.05))
     assert isinstance(exc, netio.ConnectionTimeout) and exc.mid_frame is True
@@ -491,13 +489,13 @@ def test_idle_timeout_bounds_the_wait_inside_a_frame_too(kit, frame_timeout):
     # Each wait is bounded again, and the frame goes on where it was.
     exc, took = timed(conn.receive_batch, idle_timeout=0.05, frame_timeout=frame_timeout)
     assert (exc.mid_frame, exc.bound) == (True, "idle") and took < WAIT / 2
-    peer.sendall(frame(data(1))[2:])
-    assert conn.receive_batch(idle_timeout=0.05, frame_timeout=frame_timeout) == [data(1)]
+    peer.sendall(encode_frame(nth_data(1))[2:])
+    assert conn.receive_batch(idle_timeout=0.05, frame_timeout=frame_timeout) == [nth_data(1)]
 
 
 def test_the_frame_timeout_bounds_a_frame_whose_bytes_keep_coming(kit, clock):
     conn, peer = kit.pair(ends=[1, 2, 3])  # one byte per read
-    peer.sendall(frame(data(1))[:3])
+    peer.sendall(encode_frame(nth_data(1))[:3])
 
     def each_byte_late(position):
         if position:
@@ -518,22 +516,22 @@ def test_the_bound_that_ran_out_is_named(kit):
 
 def test_a_receive_after_a_timeout_goes_on_with_the_bytes_already_read(kit):
     conn, peer = kit.pair()
-    whole = frame(data(1))
+    whole = encode_frame(nth_data(1))
     peer.sendall(whole[:5])
     with pytest.raises(netio.ConnectionTimeout):
         conn.receive_batch(idle_timeout=WAIT, frame_timeout=0.02)
     peer.sendall(whole[5:])
-    assert conn.receive_batch(WAIT, WAIT) == [data(1)]
+    assert conn.receive_batch(WAIT, WAIT) == [nth_data(1)]
 
 
 def test_frame_whose_rest_came_in_time_is_received_after_a_slow_caller(kit, clock):
-    first, second = frame(data(1)), frame(data(2))
+    first, second = encode_frame(nth_data(1)), encode_frame(nth_data(2))
     # The first read brings frame 1 and the start of frame 2, the second the rest.
     conn, peer = kit.pair(ends=[len(first) + 3])
     peer.sendall(first + second)
-    assert conn.receive_batch(idle_timeout=WAIT, frame_timeout=1.0) == [data(1)]
+    assert conn.receive_batch(idle_timeout=WAIT, frame_timeout=1.0) == [nth_data(1)]
     clock.advance(2.0)  # answering frame 1 took 2 s; frame 2 arrived long before
-    assert conn.receive_batch(idle_timeout=WAIT, frame_timeout=1.0) == [data(2)]
+    assert conn.receive_batch(idle_timeout=WAIT, frame_timeout=1.0) == [nth_data(2)]
 
 
 # --- next_batch: fatal faults get one ERROR frame and a lingering close -----------------
@@ -544,8 +542,8 @@ def test_next_batch_answers_a_bad_length_with_one_error_then_a_lingering_close(k
     # Bytes the connection will never read follow the bad prefix: without a lingering
     # close they would turn the close into a reset.
     unread = b"\0\0\0\0" + b"u" * 300_000
-    sender = kit.spawn(peer.sendall, frame(data(1)) + unread)
-    assert conn.next_batch(WAIT, WAIT) == [data(1)]
+    sender = kit.spawn(peer.sendall, encode_frame(nth_data(1)) + unread)
+    assert conn.next_batch(WAIT, WAIT) == [nth_data(1)]
 
     def read_then_close():
         try:
@@ -566,7 +564,7 @@ def test_next_batch_answers_a_bad_length_with_one_error_then_a_lingering_close(k
 
 def test_next_batch_answers_a_stalled_frame_with_one_timeout_error_then_closes(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1))[:7])
+    peer.sendall(encode_frame(nth_data(1))[:7])
 
     def read_then_close():
         try:
@@ -585,7 +583,7 @@ def test_next_batch_answers_a_stalled_frame_with_one_timeout_error_then_closes(k
 
 def test_next_batch_answers_silence_inside_a_frame_with_a_timeout_error_naming_it(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1))[:3])
+    peer.sendall(encode_frame(nth_data(1))[:3])
 
     def read_then_close():
         try:
@@ -612,17 +610,17 @@ def test_next_batch_raises_the_idle_timeout_and_sends_nothing(kit):
 
 def test_next_batch_returns_bad_messages_in_order_for_the_caller_to_answer(kit):
     conn, peer = kit.pair()
-    peer.sendall(protocol.frame_of(BAD_BODY) + frame(data(1)))
+    peer.sendall(protocol.frame_of(BAD_BODY) + encode_frame(nth_data(1)))
     items = conn.next_batch(WAIT, WAIT)
     assert [str(item) if isinstance(item, MessageError) else item for item in items] == [
-        BAD_BODY_ERROR, data(1)]
+        BAD_BODY_ERROR, nth_data(1)]
 
 
 def test_next_batch_returns_none_when_the_peer_closes(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1)))
+    peer.sendall(encode_frame(nth_data(1)))
     peer.close()
-    assert conn.next_batch(WAIT, WAIT) == [data(1)]
+    assert conn.next_batch(WAIT, WAIT) == [nth_data(1)]
     assert conn.next_batch(WAIT, WAIT) is None
 
 
@@ -643,9 +641,9 @@ def test_may_speak_tls(head, tls):
 
 def test_head_keeps_the_first_two_bytes_of_the_stream_however_they_came(kit):
     conn, peer = kit.pair(ends=[1, 5])
-    peer.sendall(frame(data(1)) + frame(data(2)))
-    assert conn.receive_batch(WAIT, WAIT) == [data(1), data(2)]
-    assert conn.head == frame(data(1))[:2]
+    peer.sendall(encode_frame(nth_data(1)) + encode_frame(nth_data(2)))
+    assert conn.receive_batch(WAIT, WAIT) == [nth_data(1), nth_data(2)]
+    assert conn.head == encode_frame(nth_data(1))[:2]
 
 
 # --- Half-close, wake, send timeout ---------------------------------------------------
@@ -653,17 +651,17 @@ def test_head_keeps_the_first_two_bytes_of_the_stream_however_they_came(kit):
 @pytest.mark.parametrize("kind", PAIR_KINDS)
 def test_half_close_gives_the_peer_eof_and_the_peer_can_still_answer(kit, kind):
     conn, peer = kit.pair(kind)
-    conn.send(data(1))
+    conn.send(nth_data(1))
     assert conn.half_close() is True
-    assert read_to_end(peer) == ([data(1)], "eof")
-    peer.sendall(frame(data(2)))
-    assert conn.receive(WAIT, WAIT) == data(2)
+    assert read_to_end(peer) == ([nth_data(1)], "eof")
+    peer.sendall(encode_frame(nth_data(2)))
+    assert conn.receive(WAIT, WAIT) == nth_data(2)
 
 
 @pytest.mark.parametrize("kind", PAIR_KINDS)
 def test_wake_makes_a_blocked_receive_in_another_thread_return_none(kit, kind):
     conn, peer = kit.pair(kind)
-    peer.sendall(frame(data(1))[:5])  # the reader is inside a frame, waiting
+    peer.sendall(encode_frame(nth_data(1))[:5])  # the reader is inside a frame, waiting
     reader = kit.spawn(conn.receive, WAIT, WAIT)
     deadline = time.monotonic() + WAIT
     while unread_bytes(conn.sock) and time.monotonic() < deadline:
@@ -676,10 +674,10 @@ def test_wake_makes_a_blocked_receive_in_another_thread_return_none(kit, kind):
 
 def test_wake_lets_receive_return_what_is_buffered_first(kit):
     conn, peer = kit.pair()
-    peer.sendall(frame(data(1)) + frame(data(2)))
+    peer.sendall(encode_frame(nth_data(1)) + encode_frame(nth_data(2)))
     conn.wake()
-    assert conn.receive(WAIT, WAIT) == data(1)
-    assert conn.receive(WAIT, WAIT) == data(2)
+    assert conn.receive(WAIT, WAIT) == nth_data(1)
+    assert conn.receive(WAIT, WAIT) == nth_data(2)
     assert conn.receive(WAIT, WAIT) is None
 
 
@@ -690,10 +688,10 @@ BIG = {"type": 0, "srcid": "c1", "privPoliId": "111", "payload": "x" * (8 << 20)
 
 def test_send_to_a_peer_that_never_reads_times_out_after_send_timeout(kit):
     conn, peer = kit.pair(send_timeout=0.2)
-    peer.sendall(frame(data(1)))
+    peer.sendall(encode_frame(nth_data(1)))
     # The last receive left the socket blocking (no timeout): the send must not
     # inherit that and block for ever.
-    assert conn.receive(idle_timeout=None) == data(1)
+    assert conn.receive(idle_timeout=None) == nth_data(1)
     exc, took = kit.spawn(timed, conn.send, BIG).result(timeout=WAIT / 2)
     assert isinstance(exc, socket.timeout)
     assert 0.2 <= took < WAIT / 2
@@ -826,7 +824,7 @@ class AckServer(netio.FramedServer):
                 return
             if self.on_batch is not None:
                 self.on_batch(conn, items)
-            conn.send_frames([frame(self.answer(item)) for item in items])
+            conn.send_frames([encode_frame(self.answer(item)) for item in items])
 
     @staticmethod
     def answer(item):
@@ -864,9 +862,10 @@ def test_framed_server_answers_frames_on_a_connection_from_connect(framed_server
     conn = netio.connect("127.0.0.1", server.port, timeout=WAIT)
     kit.sockets.append(conn.sock)
     assert conn.peer == f"127.0.0.1:{server.port}"
-    conn.send_frames([frame(data(1)), frame(protocol.ping()), protocol.frame_of(BAD_BODY)])
+    conn.send_frames([encode_frame(nth_data(1)), encode_frame(protocol.ping()),
+                      protocol.frame_of(BAD_BODY)])
     answers = [conn.receive(WAIT, WAIT) for _ in range(3)]
-    assert answers == [protocol.ack_for("s9", data(1)), protocol.pong(),
+    assert answers == [protocol.ack_for("s9", nth_data(1)), protocol.pong(),
                        protocol.error("BAD_MESSAGE", BAD_BODY_MESSAGE)]
 
 
@@ -881,8 +880,8 @@ def test_framed_server_past_max_conns_answers_overloaded_and_closes(framed_serve
     assert read_to_end(second) == ([protocol.error(
         "OVERLOADED", "the server has 1 connections open, its maximum; try again later")],
         "eof")
-    first.send(data(1))  # the first connection is still served
-    assert first.receive(WAIT, WAIT) == protocol.ack_for("s9", data(1))
+    first.send(nth_data(1))  # the first connection is still served
+    assert first.receive(WAIT, WAIT) == protocol.ack_for("s9", nth_data(1))
 
 
 def test_framed_server_drain_lets_a_handler_answer_what_it_received_then_joins_it(
@@ -905,9 +904,9 @@ def test_framed_server_drain_lets_a_handler_answer_what_it_received_then_joins_i
     server.on_batch = on_batch
     client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
     kit.sockets.append(client)
-    client.sendall(frame(data(1)))
+    client.sendall(encode_frame(nth_data(1)))
     assert first_batch.wait(WAIT)
-    client.sendall(frame(data(2)))  # received by the kernel, not yet by the handler
+    client.sendall(encode_frame(nth_data(2)))  # received by the kernel, not yet by the handler
     (handler_conn,) = server.connections
     readable, _, _ = select.select([handler_conn.sock], [], [], WAIT)
     assert readable
@@ -915,8 +914,8 @@ def test_framed_server_drain_lets_a_handler_answer_what_it_received_then_joins_i
     start = time.monotonic()
     assert server.drain(WAIT) is True
     assert time.monotonic() - start < WAIT / 2
-    assert read_to_end(client) == ([protocol.ack_for("s9", data(1)),
-                                    protocol.ack_for("s9", data(2))], "eof")
+    assert read_to_end(client) == ([protocol.ack_for("s9", nth_data(1)),
+                                    protocol.ack_for("s9", nth_data(2))], "eof")
     assert server.connections == set()
 
 
@@ -932,7 +931,7 @@ def test_framed_server_drain_returns_false_when_a_handler_does_not_finish_in_tim
     server.on_batch = on_batch
     client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
     kit.sockets.append(client)
-    client.sendall(frame(data(1)))
+    client.sendall(encode_frame(nth_data(1)))
     assert busy.wait(WAIT)
     server.shutdown()
     try:

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protocol
+from conftest import frame
 from protocol import (FrameDecoder, FrameError, FrameTooLarge, MessageError, MessageType,
                       ProtocolError, ServiceError, encode_frame, parse_message,
                       validate_message)
@@ -22,11 +23,6 @@ FAST = settings(deadline=None, max_examples=150, database=None,
 SHA1_HELLO = hashlib.sha1(b"hello").hexdigest()
 HOST_ERROR = ("host must be an IP address or a DNS name (labels of 1 to 63 letters, "
               "digits and hyphens), got ")
-
-
-def frame_of(body):
-    """A well-framed frame holding ``body`` (bytes)."""
-    return len(body).to_bytes(4, "big") + body
 
 
 def body_of(message):
@@ -89,7 +85,7 @@ def test_decoder_returns_whole_frame_body_then_none():
 def test_decoder_returns_every_frame_of_one_chunk_in_order():
     bodies = [b'{"type":5}', b'{"type":6}', b"x", b"[1,2,3]"]
     decoder = FrameDecoder()
-    decoder.feed(b"".join(frame_of(body) for body in bodies))
+    decoder.feed(b"".join(frame(body) for body in bodies))
     assert [decoder.next_frame() for _ in range(5)] == [*bodies, None]
 
 
@@ -156,7 +152,7 @@ def test_decoder_refuses_4_gb_length_prefix_without_buffering_and_keeps_refusing
         decoder.next_frame()
     assert first.value.message == ("frame length 4294967295 bytes is above the maximum "
                                    "of 1048576 bytes")
-    decoder.feed(b"a" * 1000 + frame_of(b'{"type":5}'))
+    decoder.feed(b"a" * 1000 + frame(b'{"type":5}'))
     assert decoder.in_frame is False  # later bytes are not buffered either
     for _ in range(3):
         with pytest.raises(FrameTooLarge) as again:
@@ -167,7 +163,7 @@ def test_decoder_refuses_4_gb_length_prefix_without_buffering_and_keeps_refusing
 
 def test_decoder_repeats_bad_frame_error_on_later_calls():
     decoder = FrameDecoder()
-    decoder.feed(b"\x00\x00\x00\x00" + frame_of(b"{}"))
+    decoder.feed(b"\x00\x00\x00\x00" + frame(b"{}"))
     for _ in range(2):
         with pytest.raises(FrameError) as caught:
             decoder.next_frame()
@@ -176,7 +172,7 @@ def test_decoder_repeats_bad_frame_error_on_later_calls():
 
 def test_decoder_hands_out_frames_before_a_bad_length_then_refuses():
     decoder = FrameDecoder(max_frame=20)
-    decoder.feed(frame_of(b'{"type":5}') + b"\x00\x00\x00\x15")
+    decoder.feed(frame(b'{"type":5}') + b"\x00\x00\x00\x15")
     assert decoder.next_frame() == b'{"type":5}'
     with pytest.raises(FrameTooLarge):
         decoder.next_frame()
@@ -708,7 +704,7 @@ mangled_bodies = st.tuples(message_bodies, st.binary(max_size=4)).map(lambda t: 
 pieces = (st.binary(max_size=40)
           | st.one_of(json_bodies, message_bodies, mangled_bodies, st.binary(min_size=1,
                                                                              max_size=30))
-          .map(frame_of))
+          .map(frame))
 
 
 @FAST

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import protocol
-from conftest import PYTHON, ROOT, WAIT, Wire, run, sha1
+from conftest import PYTHON, ROOT, WAIT, Wire, cpu_seconds, run, sha1
 
 
 def has_ipv6():

@@ -9,7 +9,6 @@ state. Certificates are made at run time with the openssl command.
 """
 
 import collections
-import hashlib
 import json
 import os
 import re
