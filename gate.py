@@ -21,7 +21,7 @@ import time
 import protocol
 from protocol import ServiceError, policy_text, show
 
-__all__ = ["NONCE_LIFETIME", "MAX_FAILURES", "Attempt", "Challenge", "RegistrationGate",
+__all__ = ["NONCE_LIFETIME", "MAX_FAILURES", "Attempt", "Challenge", "Incurable", "RegistrationGate",
            "load_policy_keys", "key_file_lines"]
 
 # A nonce is good once, for this many seconds (PROTOCOL.md section 9). A server
@@ -36,19 +36,30 @@ MAX_FAILURES = 3
 
 class Attempt:
     """The registration state of one connection: the nonce it was issued last and
-    when, and how many SETUPs were refused on it."""
+    when, how many SETUPs were refused on it, and the challenge it owes an answer."""
 
-    __slots__ = ("nonce", "issued", "failures")
+    __slots__ = ("nonce", "issued", "failures", "challenged")
 
     def __init__(self):
         self.nonce = None
         self.issued = 0.0
         self.failures = 0
+        # (id, policy) of the SETUP whose challenge is not answered yet, or None.
+        self.challenged = None
 
 
 class Challenge(ServiceError):
     """UNAUTHORIZED for a SETUP that came without a proof while keys are in force: the
     challenge of PROTOCOL.md section 9, which a server that has the key answers."""
+
+    def __init__(self, message):
+        super().__init__(message, protocol.UNAUTHORIZED)
+
+
+class Incurable(ServiceError):
+    """UNAUTHORIZED that no proof can cure: the policy has no key, or a TLS client
+    certificate is missing. Answered without a nonce, so that a server with a key
+    does not send a proof in vain (PROTOCOL.md section 9)."""
 
     def __init__(self, message):
         super().__init__(message, protocol.UNAUTHORIZED)
@@ -88,14 +99,14 @@ class RegistrationGate:
         """
         policy = message["privPolyId"]
         if self.require_certificate and not has_certificate:
-            raise ServiceError("registration needs a TLS client certificate signed by the "
-                               "proxy's -tls-ca authority", protocol.UNAUTHORIZED)
+            raise Incurable("registration needs a TLS client certificate signed by the "
+                            "proxy's -tls-ca authority")
         if self.keys is None:
             return
         key = self.keys.get(policy_text(policy), self.keys.get("*"))
         if key is None:
-            raise ServiceError(f"no server may register for privacy policy {show(policy)}: "
-                               "it has no key", protocol.UNAUTHORIZED)
+            raise Incurable(f"no server may register for privacy policy {show(policy)}: "
+                            "it has no key")
         if "proof" not in message:
             raise Challenge(f"registration for privacy policy {show(policy)} needs a "
                             "proof: answer with the nonce of this ERROR and the proof "
@@ -123,13 +134,13 @@ class RegistrationGate:
 
         Returns:
             (dict, bool): the ERROR message to send (with a fresh ``nonce`` when keys
-            are in force and the connection stays open), and True when the connection
-            must be closed after it (``MAX_FAILURES`` refusals).
+            are in force, a proof can cure it and the connection stays open), and True
+            when the connection must be closed after it (``MAX_FAILURES`` refusals).
         """
         attempt.failures += 1
         answer = protocol.error_message(exc)
         close = attempt.failures >= MAX_FAILURES
-        if self.keys is not None and not close:
+        if self.keys is not None and not close and not isinstance(exc, Incurable):
             attempt.nonce = self._token()
             attempt.issued = self._clock()
             answer["nonce"] = attempt.nonce

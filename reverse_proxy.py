@@ -309,6 +309,9 @@ class FrontChannel(eventloop.Channel):
         upstream = self.session_of
         if upstream is not None and not self.proxy.stopping:
             self.proxy.session_ended(upstream)
+        if (self.attempt is not None and self.attempt.challenged is not None
+                and not self.proxy.stopping):
+            self.proxy.challenge_unanswered(self, *self.attempt.challenged)
 
 
 def _proxy_header(received):
@@ -443,6 +446,7 @@ class ReverseProxy:
         """Answer one SETUP on ``channel`` with REGISTERED or ERROR (sections 3, 6, 7)."""
         if channel.attempt is None:
             channel.attempt = gate.Attempt()
+        channel.attempt.challenged = None
         try:
             self.gate.check(channel.attempt, message, channel.peer_certificate() is not None)
             upstream, old = self.registry.register(
@@ -457,6 +461,7 @@ class ReverseProxy:
                          "%s)", channel.peer, show(message["id"]), show(message["privPolyId"]),
                          extra=cli.event("challenge", peer=channel.peer, id=message["id"],
                                          policy=message["privPolyId"]))
+                channel.attempt.challenged = (message["id"], message["privPolyId"])
             else:
                 log.warning("unauthorized: %s (from %s)", exc.message, channel.peer,
                             extra=cli.event("refused", peer=channel.peer, reason=exc.message))
@@ -485,6 +490,17 @@ class ReverseProxy:
                                  peer=channel.peer))
         channel.answer(seq, protocol.encode_frame(protocol.registered(upstream.id,
                                                                       upstream.policy)))
+
+    def challenge_unanswered(self, channel, server_id, policy):
+        """``channel`` closed while the challenge sent for its SETUP was still owed an
+        answer: a refused registration (PROTOCOL.md section 9), most likely a server
+        without the policy's key."""
+        message = (f"server id {show(server_id)} (privacy policy {show(policy)}) did not "
+                   "answer the registration challenge before its connection closed; "
+                   "does it have the policy's key (server.py -key-file)?")
+        log.warning("unauthorized: %s (from %s)", message, channel.peer,
+                    extra=cli.event("refused", peer=channel.peer, reason=message))
+        self.totals.registrations["refused"] += 1
 
     def session_ended(self, upstream):
         """The session of ``upstream`` closed: it leaves its rotation (section 6)."""

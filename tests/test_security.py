@@ -1016,9 +1016,36 @@ def test_policy_without_key_accepts_no_server(proxies, nodes, tmp_path, wires, c
     answer = wire.receive()
     assert answer["code"] == "UNAUTHORIZED"
     assert "no server may register for privacy policy pZ: it has no key" in answer["message"]
-    wire.send(proven(setup, b"anything", answer["nonce"]))
+    # No proof can cure it: no nonce invites one.
+    assert "nonce" not in answer
+    wire.send(dict(setup, nonce="0" * 32, proof="0" * 64))
     assert wire.receive()["code"] == "UNAUTHORIZED"
     assert served_by(proxy.port, "pZ", 1) == ["NO_SERVER"]
+    assert proxy.count(r"^unauthorized: no server may register for privacy policy pZ") == 2
+
+
+def test_a_server_with_a_key_is_refused_once_by_a_policy_without_one(nodes, tmp_path, keyed):
+    keyfile = tmp_path / "only-a.keys"
+    keyfile.write_text("pA alpha-key-1\n", encoding="utf-8")
+    proxy = nodes.proxy("-policy-keys", keyfile)
+    server = nodes.server("sZ", "pZ", proxy.port, "-key-file", keyed["b"], wait=False)
+    assert server.wait() == 1
+    assert server.output.splitlines()[-1] == (
+        "server.py: the reverse proxy refused registration: "
+        "UNAUTHORIZED: no server may register for privacy policy pZ: it has no key")
+    proxy.wait_for(r"^unauthorized: no server may register for privacy policy pZ")
+    assert proxy.count(r"^unauthorized: ") == 1
+
+
+def test_a_challenge_left_unanswered_is_a_refusal(proxies, nodes, keyed, log_watch):
+    proxy = proxies(policy_keys=gate.load_policy_keys(keyed["policy"]))
+    server = nodes.server("sK", "pA", proxy.port, wait=False)  # no -key-file
+    assert server.wait() == 1
+    assert server.output.splitlines()[-1].endswith(" (the proxy requires a key: give -key-file)")
+    log_watch.wait_for(r"^unauthorized: server id sK \(privacy policy pA\) did not answer the "
+                       r"registration challenge before its connection closed; does it have "
+                       r"the policy's key \(server.py -key-file\)\? \(from 127\.0\.0\.1:\d+\)$")
+    assert proxy.stats()["totals"]["registrations"] == {"registered": 0, "refused": 1}
 
 
 def test_three_refused_setups_close_the_connection(proxies, nodes, keyed, wires, closed_port):
@@ -1215,7 +1242,6 @@ def test_sighup_reloads_the_policy_keys_keeping_registrations_and_connections(
     # New registrations are checked against the new keys.
     for key, policy, expected in ((b"alpha-1", "pA", "UNAUTHORIZED"),
                                   (b"alpha-2", "pA", "REGISTERED"),
-                                  (b"bravo-1", "pB", "UNAUTHORIZED"),
                                   (b"charlie-1", "pC", "REGISTERED")):
         wire = Wire(proxy.port)
         setup = protocol.setup(f"n-{policy}-{key.decode()}", policy, a.port)
@@ -1224,6 +1250,13 @@ def test_sighup_reloads_the_policy_keys_keeping_registrations_and_connections(
         answer = wire.receive()
         assert answer.get("code", answer["type"].name) == expected, (policy, key, answer)
         wire.close()
+    # pB has no key any more: refused at once, with no nonce to prove anything with.
+    wire = Wire(proxy.port)
+    wire.send(protocol.setup("n-pB", "pB", a.port))
+    answer = wire.receive()
+    assert (answer["code"], "nonce" in answer) == ("UNAUTHORIZED", False), answer
+    assert answer["message"] == "no server may register for privacy policy pB: it has no key"
+    wire.close()
 
     # A file that cannot be read or parsed keeps the keys in force, and says why.
     keys.write_text("pA alpha-2 extra-field\n", encoding="utf-8")
