@@ -569,7 +569,9 @@ class ArgumentParser(argparse.ArgumentParser):
                           metavar="SECONDS", help="time a frame may take to arrive")
         self.add_argument("-idle-timeout", type=arg_seconds, default=300.0,
                           metavar="SECONDS",
-                          help="time a connection may stay idle between frames")
+                          help="time a connection may go without a frame either way; "
+                               "then it is closed, and frames still unanswered get "
+                               "TIMEOUT")
 
     def add_tls_options(self, cert_help, ca_help):
         """Add ``-tls-cert``/``-tls-key`` (when ``cert_help``) and ``-tls-ca``."""

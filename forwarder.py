@@ -152,6 +152,10 @@ class DataChannel(eventloop.Channel):
             self.set_deadline(self.loop.now + self.forwarder.upstream_timeout)
 
     def frames_received(self, bodies):
+        if not bodies:
+            # Part of an answer: the frame's deadline stands. A server that trickles
+            # bytes is not answering, and the upstream timeout bounds each frame.
+            return
         queue = self.queue
         upstream = self.upstream
         forwarder = self.forwarder
@@ -180,6 +184,11 @@ class DataChannel(eventloop.Channel):
             elif kind is MessageType.ERROR:
                 answer["destid"] = pending.srcid
                 frame = protocol.encode_frame(answer)
+                if len(frame) - protocol.HEADER_SIZE > forwarder.max_frame:
+                    # Numbers in fields the proxy does not know grow when written
+                    # again (1e9 becomes 1000000000.0): the client gets what it needs.
+                    frame = protocol.encode_frame(protocol.error(
+                        answer["code"], answer["message"], destid=pending.srcid))
                 if answer["code"] in protocol.CLOSING_CODES:
                     # The server closes after this answer (a frame it found too large,
                     # say); the frames behind it were never read. Not a fault of the

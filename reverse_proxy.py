@@ -205,11 +205,23 @@ class FrontChannel(eventloop.Channel):
             self.proxy.session_silent(self.session_of)
             self.abort()
         elif self.next_seq != self.next_out:
-            waiting = self.next_seq - self.next_out - len(self.held)
-            log.error("closing connection from %s: %d frame(s) unanswered for %g s",
-                      self.peer, waiting, self.proxy.idle_timeout,
-                      extra=cli.event("idle_timeout", peer=self.peer, unanswered=waiting))
-            self.abort()
+            # Nothing came either way for the idle timeout while frames waited: each
+            # gets TIMEOUT, so that every packet is answered, then the connection
+            # closes (lingering, so that the answers are not destroyed by a reset).
+            waiting = [seq for seq in range(self.next_out, self.next_seq)
+                       if seq not in self.held]
+            idle = self.proxy.idle_timeout
+            log.error("closing connection from %s: %d frame(s) unanswered for %g s; "
+                      "answering them TIMEOUT", self.peer, len(waiting), idle,
+                      extra=cli.event("idle_timeout", peer=self.peer, unanswered=len(waiting)))
+            self.finishing = True
+            self.pause_reading()
+            self.last_seq = self.next_seq - 1
+            timeout = protocol.encode_frame(protocol.error(
+                protocol.TIMEOUT, f"no answer and no frame for {idle:g} s (the proxy's idle "
+                "timeout); closing"))
+            for seq in waiting:
+                self.answer(seq, timeout, protocol.TIMEOUT)
         else:
             log.info("closing connection from %s: timed out waiting for a frame", self.peer,
                      extra=cli.event("idle_timeout", peer=self.peer))

@@ -242,8 +242,9 @@ class FakeServer:
     """A scriptable upstream server on 127.0.0.1 in the test process.
 
     ``behaviour(message, count)`` is called for each frame received (``count`` from 1)
-    and returns the message to answer, None to answer nothing, the string ``"close"``
-    to close the connection, or a list of those to do in turn. The default answers
+    and returns the message to answer, bytes to send as they are, None to answer
+    nothing, the string ``"close"`` to close the connection, or a list of those to do
+    in turn. The default answers
     like server.py.
     ``received`` lists every message received, ``raw`` the bytes as they came.
     """
@@ -295,7 +296,9 @@ class FakeServer:
                     for step in answer if isinstance(answer, list) else [answer]:
                         if step == "close":
                             return
-                        if step is not None:
+                        if isinstance(step, bytes):
+                            conn.sendall(step)
+                        elif step is not None:
                             conn.sendall(protocol.encode_frame(step))
         except OSError:
             pass

@@ -9,7 +9,7 @@ import threading
 import time
 
 import protocol
-from conftest import WAIT, Wire, sha1
+from conftest import WAIT, Wire, frame, sha1
 
 
 def pipelined(port, frames, timeout=WAIT):
@@ -287,17 +287,77 @@ def test_an_error_code_outside_the_contract_is_relayed_and_counted_as_other(
     assert (counted["OTHER"], counted["ACK"]) == (1, 2)
 
 
-def test_a_connection_whose_answers_stop_coming_is_closed_after_the_idle_timeout(
+def test_frames_unanswered_for_the_idle_timeout_get_timeout_then_the_connection_closes(
         proxies, fake_servers, log_watch):
-    # Should an answer ever be lost, the client is not left waiting for good.
+    # An idle timeout below the upstream timeout: the client is not left waiting for
+    # good, and every packet is answered all the same.
     proxy = proxies(idle_timeout=0.5, upstream_timeout=60)
-    server = fake_servers("A", lambda message, count: None)
+
+    def first_answered_then_silence(message, count):
+        return protocol.ack_for("A", message) if count == 1 else None
+
+    server = fake_servers("A", first_answered_then_silence)
     server.register(proxy.port, "111")
-    wire = Wire(proxy.port)
-    wire.send(protocol.data("c", "111", "p"))
-    assert wire.closed()
-    log_watch.wait_for(r"closing connection from 127\.0\.0\.1:\d+: 1 frame\(s\) unanswered "
-                       r"for 0\.5 s")
+    answers = pipelined(proxy.port, [protocol.data("c", "111", f"p{i}") for i in range(3)])
+    timeout = {"type": protocol.MessageType.ERROR, "code": "TIMEOUT", "message":
+               "no answer and no frame for 0.5 s (the proxy's idle timeout); closing"}
+    assert answers == [protocol.ack_for("A", protocol.data("c", "111", "p0")),
+                       timeout, timeout]
+    log_watch.wait_for(r"closing connection from 127\.0\.0\.1:\d+: 2 frame\(s\) unanswered "
+                       r"for 0\.5 s; answering them TIMEOUT")
+    assert proxy.stats()["totals"]["answers"]["TIMEOUT"] == 2
+
+
+def test_a_server_that_trickles_an_answer_is_timed_out_and_the_frame_moves_on(
+        proxies, fake_servers):
+    # Each byte of a never-ending answer must not move the frame's deadline.
+    proxy = proxies(upstream_timeout=0.5, idle_timeout=30)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(struct.pack(">I", 100000))  # a long answer announced...
+        while not stop.wait(0.05):  # ...and a byte of it every 50 ms, for ever
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+        conn.close()
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    registration = Wire(proxy.port)
+    registration.send(protocol.setup("T", "111", listener.getsockname()[1]))
+    assert registration.receive()["type"] == protocol.MessageType.REGISTERED
+    fake_servers("H").register(proxy.port, "111")
+    started = time.monotonic()
+    answers = pipelined(proxy.port, [protocol.data("c", "111", "p")])
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert answers == [protocol.ack_for("H", protocol.data("c", "111", "p"))]
+    stop.set()
+    trickler.join(WAIT)
+    registration.close()
+    listener.close()
+
+
+def test_an_error_answer_that_grows_past_max_frame_when_written_again_is_cut_to_its_fields(
+        proxies, fake_servers):
+    # The proxy writes an ERROR answer again (to set destid); numbers in unknown fields
+    # grow then (1e9 is written 1000000000.0), and no frame may exceed -max-frame.
+    proxy = proxies(max_frame=2000)
+    body = (b'{"type":3,"code":"BAD_MESSAGE","message":"m","destid":"c","z":['
+            + b",".join([b"1e9"] * 400) + b"]}")
+    assert len(body) < 2000 < len(protocol.encode_frame(protocol.parse_message(body)))
+
+    def swollen(message, count):
+        return frame(body)
+
+    fake_servers("A", swollen).register(proxy.port, "111")
+    answers = pipelined(proxy.port, [protocol.data("c", "111", "p")])
+    assert answers == [{"type": protocol.MessageType.ERROR, "code": "BAD_MESSAGE",
+                        "message": "m", "destid": "c"}]
 
 
 def test_a_frame_half_read_while_the_proxy_stops_reading_is_not_timed_out(
