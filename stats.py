@@ -28,7 +28,10 @@ amount, whatever it sends and however many readers there are.
   (``MAX_AGE``, 0.5 s) before the request came, and otherwise takes a new one,
   which the requests that come meanwhile wait for and share, with its rendered
   answers. Whatever the number of readers, the proxy takes at most one snapshot at
-  a time and about one per ``max_age``. A failed snapshot is shared the same way
+  a time and about one per ``max_age``; one that cost T seconds to take and render
+  (the interpreter's lock, which routing needs, is held meanwhile) is served for at
+  least T / ``COST_SHARE`` seconds, so that stats never take more than a tenth of
+  the proxy's time, however large the registry. A failed snapshot is shared the same way
   (500), so a stalled proxy is not asked again by every waiting reader.
 * **Names are bounded** (``shorten``): policy ids, server ids and addresses come
   from the network, and a server id may be as long as a frame (1 MiB). Each is cut
@@ -43,10 +46,12 @@ amount, whatever it sends and however many readers there are.
   (``MAX_CONNECTIONS``, 40) connections are served at once. Past that, a new
   connection takes the slot of the oldest connection still sending its request
   (silent, slow, or a slowloris), which is closed, as nginx reuses its idle
-  connections when it runs out (``ngx_drain_connections``); only when every slot
-  is answering a request (each bounded by ``SEND_TIMEOUT``) does the new
-  connection get ``503 too many stats readers``. So ``/healthz`` tells the truth
-  however many idle connections an attacker holds open.
+  connections when it runs out (``ngx_drain_connections``); failing that, the slot
+  of the oldest connection whose answer has not been taken within
+  ``ANSWER_GRACE`` (1 s: a reader that does not read its answer). Only when every
+  slot is answering a request for less than that does the new connection get
+  ``503 too many stats readers``. So ``/healthz`` tells the truth however many
+  idle or non-reading connections an attacker holds open.
 
 Threads: ``start`` runs the accept loop in one thread ("stats"); each connection is
 served in a daemon thread of its own. The server's lock guards the table of
@@ -83,6 +88,11 @@ REQUEST_TIMEOUT = 5.0
 # Seconds an answer may take to be written (socket.sendall bounds the whole write):
 # 10 s, the proxy's -frame-timeout; /metrics of 1000 servers is about 5 MB.
 SEND_TIMEOUT = 10.0
+# Seconds an answer may take to be taken before its slot may go to a new connection
+# when every slot is taken: 1 s. A page's poll takes milliseconds; a scrape of
+# /metrics of 2,000 servers (25 MB) about a second over loopback, and it is only cut
+# when 40 other readers wait.
+ANSWER_GRACE = 1.0
 # Connections served at once: 40, the default of the Prometheus exporters'
 # --web.max-requests; a page polls once a second over one connection at a time.
 MAX_CONNECTIONS = 40
@@ -95,6 +105,13 @@ LISTEN_BACKLOG = 511
 # numbers. Prometheus scrapes every minute by default (scrape_interval), and
 # Envoy's admin serves the histograms of its last stats flush (every 5 s).
 MAX_AGE = 0.5
+# A snapshot and its answers may cost the proxy at most this share of its time: one
+# that took T seconds to take and render is served for at least T / COST_SHARE
+# seconds. Rendering holds the interpreter's lock, which the loop thread needs to
+# route: /metrics of 2,000 servers takes ~0.35 s, and a scraper polling it without
+# pause would otherwise hold the lock most of the time. 0.1: the loop keeps at least
+# 90 % of its time, and a small registry (a few ms) still refreshes every 0.5 s.
+COST_SHARE = 0.1
 # Seconds the page's script waits for /stats.json before it says "stats
 # unavailable": three refresh periods, so one slow answer is not an outage.
 FETCH_TIMEOUT_SECONDS = 3
@@ -278,6 +295,7 @@ class _Snapshots:
         self._taken_at = None          # when the latest one was asked for
         self._snapshot = None          # the latest one, or None if it failed
         self._answers = {}             # route -> its answer from _snapshot
+        self._cost = 0.0               # seconds spent taking and rendering it
 
     def answer(self, route, path):
         """The answer of ``route`` (``f(snapshot)`` returning ``(status, content
@@ -289,16 +307,20 @@ class _Snapshots:
             return (503, TEXT_CONTENT_TYPE, b"stats busy: a snapshot is still being "
                     b"taken; try again\n", {"Retry-After": "1"})
         try:
-            if self._taken_at is None or self._taken_at < came - self._max_age:
-                self._taken_at = self._clock()
+            # max_age 0 asks for a snapshot per request (tests): no stretching then.
+            max_age = self._max_age and max(self._max_age, self._cost / COST_SHARE)
+            if self._taken_at is None or self._taken_at < came - max_age:
+                self._taken_at = began = self._clock()
                 self._answers = {}
                 try:
                     self._snapshot = bounded(self._take())
                 except Exception as exc:  # the proxy's trouble costs these requests only
                     self._snapshot = None
                     self._unavailable(path, exc)
+                self._cost = self._clock() - began
             answer = self._answers.get(route)
             if answer is None:
+                began = self._clock()
                 answer = (500, TEXT_CONTENT_TYPE,
                           b"stats unavailable: the proxy could not take a snapshot\n", {})
                 if self._snapshot is not None:
@@ -307,6 +329,7 @@ class _Snapshots:
                     except Exception as exc:
                         self._unavailable(path, exc)
                 self._answers[route] = answer
+                self._cost += self._clock() - began
             return answer
         finally:
             self._lock.release()
@@ -315,8 +338,9 @@ class _Snapshots:
 class _HTTPServer(http.server.ThreadingHTTPServer):
     """``ThreadingHTTPServer`` with the address family of its host, a listen
     backlog of ``LISTEN_BACKLOG``, at most ``max_connections`` connections served
-    (the oldest one still sending its request makes room for a new one) and errors
-    logged in one line."""
+    (the oldest one still sending its request, or else the oldest whose answer has
+    waited ``ANSWER_GRACE`` to be taken, makes room for a new one) and errors logged
+    in one line."""
 
     daemon_threads = True
     block_on_close = False
@@ -331,8 +355,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self._lock = threading.Lock()
-        # The connections served, oldest first: True once the request has come whole
-        # and is being answered, False while it is still being read.
+        # The connections served, oldest first: the monotonic time its answer began
+        # once the request has come whole, None while it is still being read.
         self._served = {}
         super().__init__(address, _Handler)
 
@@ -346,8 +370,12 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         with self._lock:
             full = len(self._served) >= self.max_connections
-            oldest = next((sock for sock, answering in self._served.items()
-                           if not answering), None) if full else None
+            oldest = None
+            if full:
+                stuck = time.monotonic() - ANSWER_GRACE
+                oldest = next((sock for sock, since in self._served.items()
+                               if since is None), None) or next(
+                    (sock for sock, since in self._served.items() if since < stuck), None)
             if oldest is not None:
                 del self._served[oldest]
                 try:
@@ -356,7 +384,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                 except OSError:
                     pass  # closed by its thread already
             if not full or oldest is not None:
-                self._served[request] = False
+                self._served[request] = None
         if full and oldest is None:
             try:
                 request.sendall(BUSY_ANSWER)
@@ -382,7 +410,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         with self._lock:
             if request not in self._served:
                 return False
-            self._served[request] = True
+            self._served[request] = time.monotonic()
             return True
 
     def _forget(self, request):

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
 import stats
-from conftest import CODES, WAIT, ipv6_loopback
+from conftest import CODES, WAIT, ipv6_loopback, wait_until
 
 EVIL = '<script>alert("x")</script>'
 
@@ -425,6 +425,47 @@ def test_connections_past_the_cap_get_503_only_while_every_slot_is_answering(ser
     assert answers == [(200, b"ok\n")] * 2
 
 
+def test_a_slot_whose_answer_is_not_taken_in_time_goes_to_a_new_connection(
+        serve, monkeypatch):
+    # Readers that ask and never read hold their slots in the answer: past
+    # ANSWER_GRACE, /healthz gets one of them all the same.
+    monkeypatch.setattr(stats, "ANSWER_GRACE", 0.1)
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    calls = []
+
+    def draining():
+        calls.append(1)
+        if len(calls) <= 2:  # the first two answers never get out
+            entered.release()
+            release.wait(WAIT)
+        return False
+
+    stats_server = serve(make_snapshot, draining=draining, max_connections=2)
+
+    def stuck():
+        try:
+            request(stats_server, "GET", "/healthz")
+        except (OSError, http.client.HTTPException):
+            pass  # its slot was taken: closed under it
+
+    threads = [threading.Thread(target=stuck) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in threads:
+            assert entered.acquire(timeout=WAIT)
+        answer = wait_until(
+            lambda: (lambda got: got if not got.startswith(b"HTTP/1.0 503") else None)(
+                raw(stats_server, b"GET /healthz HTTP/1.0\r\n\r\n")),
+            "a slot freed from an answer not taken")
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.endswith(b"\r\n\r\nok\n")
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+
+
 def test_the_listen_backlog_holds_a_burst_of_300_connections():
     # Not started: nothing accepts, so every connection must wait in the backlog.
     # With socketserver's default of 5, most connects would wait for SYN retries.
@@ -502,6 +543,29 @@ def test_requests_within_max_age_share_one_snapshot(serve):
     assert snapshots.calls == 1
     assert bodies[0] == bodies[3] and bodies[1] == bodies[4]  # rendered once, too
     assert json.loads(bodies[0])["policies"][0]["servers"][0]["served"] == 1
+
+
+def test_a_costly_snapshot_is_served_ten_times_as_long_as_it_took():
+    # Taking and rendering hold the interpreter's lock that routing needs: a large
+    # registry's snapshot is kept for at least its cost / COST_SHARE (a tenth).
+    now = [0.0]
+    taken = []
+
+    def take():
+        taken.append(now[0])
+        now[0] += 0.2  # a snapshot that takes 0.2 s (2,000 servers, say)
+        return make_snapshot()
+
+    snapshots = stats._Snapshots(take, 0.5, lambda path, exc: None, clock=lambda: now[0])
+    route = stats._ROUTES["/stats.json"]
+    assert snapshots.answer(route, "/stats.json")[0] == 200
+    for moment in (0.8, 1.9):  # past max_age, within 0.2 / 0.1 = 2 s of the first
+        now[0] = moment
+        snapshots.answer(route, "/stats.json")
+    assert taken == [0.0]
+    now[0] = 2.1
+    snapshots.answer(route, "/stats.json")
+    assert taken == [0.0, 2.1]
 
 
 def test_with_max_age_0_each_request_gets_a_snapshot_taken_after_it_came(serve):
