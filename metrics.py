@@ -34,7 +34,8 @@ __all__ = ["LATENCY_BOUNDS", "WINDOW_SECONDS", "LatencyWindow", "LatencyCounts",
 # per decade, each 10^(1/10) ~ 1.26 times the one before) from 50 us to 10 s. The
 # precedent is Prometheus' client libraries, whose default buckets run from 5 ms to
 # 10 s in a 1-2.5-5 series; ours must resolve 50 us, because a loopback answer takes
-# 0.1 to 2 ms, and ten steps a decade keep a percentile within 28 % of the truth (1.25 to 1.6 is the widest step).
+# 0.1 to 2 ms, and ten steps a decade keep a percentile within 28 % of the truth
+# (1.25 to 1.6 is the widest step).
 # 54 buckets: a scrape of 4 servers is about 230 bucket lines.
 _R10 = ("1.0", "1.25", "1.6", "2.0", "2.5", "3.15", "4.0", "5.0", "6.3", "8.0")
 LATENCY_BOUNDS = tuple(bound for bound in (float(f"{m}e{e}")
