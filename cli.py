@@ -267,17 +267,22 @@ class _Output:
         self.on_closed = None   # callback of a listening program, or None
         self.notified = False   # on_closed was called
         self.writer = None      # the LogWriter, if the log is written by a thread
+        self.failed = None      # (stream name, reason) of the first other write error
+
+    def mark_failed(self, stream, reason):
+        """Record that ``stream`` cannot be written (a full disk, EIO, a closed
+        descriptor; EPIPE is ``mark_closed``'s): its descriptor goes to /dev/null, the
+        program goes on, and ``finish`` says so and exits 1. Never raises."""
+        _to_devnull(stream)
+        name = "standard error" if stream is sys.stderr else "standard output"
+        with self.lock:
+            if self.failed is None:
+                self.failed = (name, reason)
 
     def mark_closed(self, stream):
         """Point ``stream``'s descriptor at /dev/null, record the closing, and call
         ``on_closed`` the first time. Never raises."""
-        try:
-            fd = stream.fileno()
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, fd)
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+        _to_devnull(stream)
         with self.lock:
             self.closed = True
             callback = None if self.notified else self.on_closed
@@ -287,6 +292,17 @@ class _Output:
 
 
 _output = _Output()
+
+
+def _to_devnull(stream):
+    # Later writes to ``stream`` go nowhere, without an error. Never raises.
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _stream_closed(stream):
@@ -300,7 +316,14 @@ def _stream_closed(stream):
 
 def configure_streams():
     """Make stdout and stderr escape what their encoding cannot show
-    (``backslashreplace``). Call at start, before anything is printed."""
+    (``backslashreplace``). Call at start, before anything is printed.
+
+    A program started with its stdout closed (``>&-``) gets /dev/null there (so that
+    no socket takes descriptor 1 and receives its lines) and ends saying so, with
+    status 1, as ``ls >&-`` does."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+        _output.mark_failed(sys.stdout, "it was closed when the program started")
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
@@ -317,6 +340,8 @@ def write_text(stream, text):
         stream.flush()
     except BrokenPipeError:
         _stream_closed(stream)
+    except OSError as exc:
+        _output.mark_failed(stream, exc.strerror or str(exc))
 
 
 def print_error(line):
@@ -344,7 +369,8 @@ class LineHandler(logging.Handler):
 
     Args:
         stream: a text stream (``sys.stdout``).
-        closed: ``f(stream)`` called on EPIPE (it may raise ``SystemExit``).
+        closed: ``f(stream)`` called on EPIPE (it may raise ``SystemExit``); any
+            other write error is recorded for ``finish`` (``_Output.mark_failed``).
     """
 
     def __init__(self, stream, closed):
@@ -359,6 +385,8 @@ class LineHandler(logging.Handler):
             self.stream.flush()
         except BrokenPipeError:
             self.closed(self.stream)
+        except OSError as exc:
+            _output.mark_failed(self.stream, exc.strerror or str(exc))
         except Exception:
             self.handleError(record)
 
@@ -465,8 +493,9 @@ def say(line, event=None):
 
 def finish(status):
     """End the process with ``status`` (int; 141 instead if stdout or stderr was
-    closed), after the log writer wrote what is queued, for up to ``FINISH_WAIT``
-    seconds. Never returns.
+    closed; 1 instead of 0 if one of them could not be written, said on stderr),
+    after the log writer wrote what is queued, for up to ``FINISH_WAIT`` seconds.
+    Never returns.
 
     If the writer is stuck in a write, the process ends with ``os._exit``: every
     line written so far was flushed as it was written, and what is left (the
@@ -484,8 +513,16 @@ def finish(status):
                     stream.flush()
             except BrokenPipeError:
                 _output.mark_closed(stream)
+            except OSError as exc:
+                _output.mark_failed(stream, exc.strerror or str(exc))
     if _output.closed:
         status = EXIT_CLOSED_OUTPUT
+    elif _output.failed is not None:
+        name, reason = _output.failed
+        print_error(f"{os.path.basename(sys.argv[0])}: cannot write its {name}: {reason}; "
+                    "lines were lost")
+        if not status:
+            status = 1
     if not drained:
         os._exit(status if isinstance(status, int) else 1)
     sys.exit(status)

@@ -159,6 +159,12 @@ class RegistrationGate:
                 sorted(policy for policy in set(old) & set(keys) if old[policy] != keys[policy]))
 
 
+# Characters of a key file read at most: 1 MiB holds ~10,000 policies and their keys;
+# a path that names /dev/zero or a log file by mistake must not fill the memory.
+# nginx caps a configuration line the same way (its buffer is 4 KiB).
+KEY_FILE_LIMIT = 1 << 20
+
+
 def key_file_lines(path, what):
     """The lines of a key file that hold something, without ``#`` comments and
     surrounding blanks: a list of ``(line number, text)``.
@@ -166,15 +172,23 @@ def key_file_lines(path, what):
     Args:
         what: the kind of file, for the error ("policy key file", "key file").
 
+    A UTF-8 byte order mark at the start (Windows editors write one) is not part of
+    the first line.
+
     Raises:
-        ValueError: the file cannot be read or is not UTF-8; the message names it.
+        ValueError: the file cannot be read, is not UTF-8 or is larger than
+            ``KEY_FILE_LIMIT``; the message names it.
     """
     try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
+        with open(path, encoding="utf-8-sig") as file:
+            text = file.read(KEY_FILE_LIMIT + 1)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {what} '{path}': "
                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if len(text) > KEY_FILE_LIMIT:
+        raise ValueError(f"cannot read {what} '{path}': it is larger than "
+                         f"{KEY_FILE_LIMIT:,} characters (not a key file?)")
+    lines = text.splitlines()
     kept = ((number, line.split("#", 1)[0].strip()) for number, line in enumerate(lines, 1))
     return [(number, text) for number, text in kept if text]
 

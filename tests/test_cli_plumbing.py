@@ -8,6 +8,7 @@ holds: closed before they write (``| true``), closed after one line (``| head -n
 """
 
 import calendar
+import contextlib
 import json
 import logging
 import os
@@ -352,6 +353,27 @@ def test_a_program_whose_stdout_is_closed_ends_quietly_with_141(
             "proxy": ("reverse_proxy.py", "-port", 0)}[program]
     child = children(*args, read_end_closed=True)
     assert child.finish() == (141, "")
+
+
+@pytest.mark.parametrize("stdout, reason", [
+    ("/dev/full", "No space left on device"),
+    (None, "it was closed when the program started")])
+def test_a_client_whose_result_cannot_be_written_says_so_and_exits_1(
+        nodes, tmp_path, stdout, reason):
+    # `client.py ... >/dev/full`, `client.py ... >&-`: its lines are its result, so
+    # losing them is no success (as `ls >&-` fails), and is said on stderr.
+    proxy = nodes.proxy("-quiet")
+    nodes.server("100", "111", proxy.port, "-quiet")
+    packets = write_packets(tmp_path, "p.json", [
+        {"type": "0", "srcid": "1", "privPoliId": "111", "payload": "xyz1"}])
+    with open(stdout, "w") if stdout else contextlib.nullcontext() as sink:
+        done = subprocess.run(
+            [PYTHON, "client.py", "-id", "1", "-revproc", str(proxy.port), "-pkt", str(packets)],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.PIPE,
+            text=True, timeout=WAIT, pass_fds=(), close_fds=True,
+            preexec_fn=None if sink else lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (
+        1, f"client.py: cannot write its standard output: {reason}; lines were lost\n")
 
 
 def test_client_piped_into_head_ends_quietly_with_141_not_a_network_error(

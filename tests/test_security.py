@@ -997,6 +997,23 @@ def test_a_policy_given_two_keys_makes_the_key_file_invalid(tmp_path):
     assert str(refused.value) == f"{keys} line 4: policy 'pA' already has a key on line 1"
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_policy(tmp_path):
+    # Windows editors start a UTF-8 file with U+FEFF: policy 111 must keep its key.
+    keys = tmp_path / "keys"
+    keys.write_bytes(b"\xef\xbb\xbf111 secret\n222 other\n")
+    assert gate.load_policy_keys(str(keys)) == {"111": b"secret", "222": b"other"}
+    key = tmp_path / "key"
+    key.write_bytes(b"\xef\xbb\xbfsecret\n")
+    assert gate.key_file_lines(str(key), "key file") == [(1, "secret")]
+
+
+def test_a_key_file_larger_than_a_key_file_is_refused_without_reading_it_whole():
+    with pytest.raises(ValueError) as refused:
+        gate.load_policy_keys("/dev/zero")
+    assert str(refused.value) == ("cannot read policy key file '/dev/zero': it is larger "
+                                  "than 1,048,576 characters (not a key file?)")
+
+
 def test_a_policy_key_file_with_a_duplicate_is_a_usage_error_at_start(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("* one\n* two\n", encoding="utf-8")
