@@ -791,12 +791,16 @@ def parse_hostport(text, default_host="127.0.0.1", allow_zero=False):
     Raises:
         ValueError: the text is not of that form; the message names it.
     """
+    if text.startswith("[") and text.endswith("]"):
+        raise ValueError(f"'{text}' has no port: write {text}:PORT")
     host, sep, port = text.rpartition(":")
     if not sep:
         return default_host, parse_port(text, allow_zero)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
+        if "[" in host or "]" in host:
+            raise ValueError(f"'{text}' is not HOST:PORT (IPv6: [ADDRESS]:PORT)")
         raise ValueError(f"'{text}' has an IPv6 address without brackets: write "
                          f"[{host}]:{port}")
     if not host:

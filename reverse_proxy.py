@@ -757,6 +757,18 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args, tls, upstream_tls = parser.parse_program_args(argv, check_peers=True)
+    given = {}
+    for policy, algorithm in args.balance:
+        if policy in given:
+            what = "the default algorithm" if policy == "*" else f"privacy policy {policy}"
+            parser.error(f"argument -balance: {what} is given twice ({given[policy]}, "
+                         f"{algorithm}); give it once")
+        given[policy] = algorithm
+    for option, port in (("-stats", args.stats and args.stats[1]),
+                         ("-proxy-protocol-port", args.proxy_protocol_port)):
+        if port and port == args.port:
+            parser.error(f"argument {option}: port {port} is the proxy's own -port; "
+                         "choose another")
     if args.stats:
         # Only with -stats: stats.py brings http.server, a fifth of the start-up time.
         import stats

@@ -594,6 +594,9 @@ def test_parse_hostport_uses_given_default_host():
     ("65536", "'65536' is not a port number from 1 to 65535"),
     ("abc", "'abc' is not a port number from 1 to 65535"),
     ("host:-1", "'-1' is not a port number from 1 to 65535"),
+    ("[::1]", "'[::1]' has no port: write [::1]:PORT"),
+    ("[::1]:3100:", "'[::1]:3100:' is not HOST:PORT (IPv6: [ADDRESS]:PORT)"),
+    ("::1:2100", "'::1:2100' has an IPv6 address without brackets: write [::1]:2100"),
 ])
 def test_parse_hostport_refuses_bad_text_naming_it(text, reason):
     with pytest.raises(ValueError) as caught:

@@ -319,3 +319,21 @@ def test_an_id_longer_than_a_proxy_takes_is_a_usage_error(program, option, requi
     assert done.stderr.splitlines()[-1] == (
         f"{program}: error: argument {option}: '{'x' * 20}...' is 257 characters long; "
         "an id has at most 256")
+
+
+@pytest.mark.parametrize("options, reason", [
+    (("-balance", "111=leastconn", "-balance", "111=roundrobin"),
+     "argument -balance: privacy policy 111 is given twice (leastconn, roundrobin); "
+     "give it once"),
+    (("-balance", "leastconn", "-balance", "leastconn"),
+     "argument -balance: the default algorithm is given twice (leastconn, leastconn); "
+     "give it once"),
+    (("-port", "2999", "-stats", "127.0.0.1:2999"),
+     "argument -stats: port 2999 is the proxy's own -port; choose another"),
+    (("-port", "2999", "-proxy-protocol-port", "2999"),
+     "argument -proxy-protocol-port: port 2999 is the proxy's own -port; choose another"),
+])
+def test_proxy_settings_that_contradict_each_other_are_usage_errors(options, reason):
+    done = run("reverse_proxy.py", *options)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"reverse_proxy.py: error: {reason}"
