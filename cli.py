@@ -113,6 +113,7 @@ import math
 import os
 import queue
 import resource
+import signal
 import sys
 import threading
 import time
@@ -515,6 +516,13 @@ def finish(status):
                 _output.mark_closed(stream)
             except OSError as exc:
                 _output.mark_failed(stream, exc.strerror or str(exc))
+    if threading.current_thread() is threading.main_thread():
+        # The interpreter's teardown puts back the default action of the signals the
+        # program handles: a second SIGTERM then would end it by the signal, not with
+        # its status. It is ending anyway.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_IGN)
     if _output.closed:
         status = EXIT_CLOSED_OUTPUT
     elif _output.failed is not None:

@@ -5,6 +5,7 @@ test_cli_plumbing.py. Each failing example of the issue is a test here."""
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -14,7 +15,7 @@ import time
 import pytest
 
 import protocol
-from conftest import PYTHON, ROOT, WAIT, Wire, cpu_seconds, run, sha1
+from conftest import PYTHON, ROOT, WAIT, Wire, cpu_seconds, free_port, run, sha1
 
 
 def has_ipv6():
@@ -275,6 +276,29 @@ def test_proxy_on_every_address_serves_ipv4_and_ipv6_and_uses_the_address_it_see
 
 
 # --- Signals ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("program", ["reverse_proxy.py", "server.py"])
+def test_sigterm_again_and_again_while_stopping_still_ends_with_status_0(program):
+    # The first SIGTERM stops the program; the ones after it, up to its very end
+    # (the interpreter's teardown included), must not end it by the signal instead.
+    args = {"reverse_proxy.py": ("-port", "0"),
+            "server.py": ("-id", "1", "-pp", "1", "-listen", "0", "-revproc", str(free_port()))}
+    proc = subprocess.Popen([PYTHON, program, *args[program], "-quiet"], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # up to the ready line
+            if re.match(r"(Running the reverse proxy|Listening) on port \d+", line):
+                break
+        deadline = time.monotonic() + WAIT
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.002)  # the pace of the storm, not a wait for an event
+        assert proc.wait(WAIT) == 0, proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+
 
 def test_a_storm_of_sigusr1_neither_kills_nor_stalls_the_proxy(nodes, fake_servers):
     proxy = nodes.proxy("-quiet")
