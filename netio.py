@@ -572,7 +572,8 @@ class FramedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             sock.setblocking(False)
             sock.send(protocol.encode_frame(protocol.error(
                 protocol.OVERLOADED,
-                f"the server has {self.max_conns} connections open, its maximum; try again later")))
+                f"the server has {self.max_conns} connection{'' if self.max_conns == 1 else 's'} "
+                "open, its maximum (-max-conns); try again later")))
         except OSError:
             pass
         sock.close()

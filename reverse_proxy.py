@@ -444,12 +444,16 @@ class ReverseProxy:
         host = _unmapped(address[0])
         peer = protocol.format_address(host, address[1])
         if self.stopping or len(self.front) >= self.max_conns:
-            log.warning("refusing connection from %s: %d connections open (-max-conns)",
-                        peer, self.max_conns,
+            if self.stopping:
+                why = "the proxy is stopping; connect to another one or try again later"
+            else:
+                why = (f"the proxy has {self.max_conns} connection"
+                       f"{'' if self.max_conns == 1 else 's'} open, its maximum (-max-conns); "
+                       "try again later")
+            log.warning("refusing connection from %s: %s", peer, why,
                         extra=cli.event("overloaded", peer=peer, max_conns=self.max_conns))
-            eventloop.refuse(sock, protocol.encode_frame(protocol.error(
-                protocol.OVERLOADED, f"the proxy has {self.max_conns} connections open, its "
-                "maximum; try again later")))
+            eventloop.refuse(sock, protocol.encode_frame(protocol.error(protocol.OVERLOADED,
+                                                                        why)))
             self.totals.count(protocol.OVERLOADED)
             return
         FrontChannel(self, sock, peer, host, proxied).start()
@@ -821,8 +825,8 @@ def main(argv=None):
         log.info("Front-tier listener (PROXY protocol v1 or v2) on port %d",
                  proxy.front_tier.port, extra=cli.event("front_tier", port=proxy.front_tier.port))
     log.info("Open descriptors allowed: %d; serving at most %d connection%s at once "
-             "(-max-conns), each with room for a data connection", limit, args.max_conns,
-             "" if args.max_conns == 1 else "s",
+             "(-max-conns)%s", limit, args.max_conns, "" if args.max_conns == 1 else "s",
+             ", each with room for a data connection" if args.max_conns <= room else "",
              extra=cli.event("limits", descriptors=limit, max_conns=args.max_conns))
     if policy_keys is None:
         log.info("Registration is open: any server that reaches port %d may serve any "

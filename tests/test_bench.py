@@ -247,8 +247,8 @@ def test_bench_moves_the_connections_a_full_proxy_refuses(proxies, wires, fake_s
     assert len(fake._conns) == 2
     assert done.stderr.splitlines() == [
         f"client.py: connection 1 to 127.0.0.1:{full.port} refused: OVERLOADED: the proxy "
-        f"has 1 connections open, its maximum; try again later; using the other reverse "
-        f"proxies"]
+        f"has 1 connection open, its maximum (-max-conns); try again later; using the "
+        f"other reverse proxies"]
 
 
 def test_bench_a_peer_lost_under_load_reports_the_missing_answers_of_every_connection(

@@ -113,7 +113,7 @@ def test_a_proxy_that_stops_reading_fails_the_sends_within_timeout(
 
 # --- Refusal by a full proxy -----------------------------------------------------------
 
-FULL = ("OVERLOADED: the proxy has 1 connections open, its maximum; try again later")
+FULL = "OVERLOADED: the proxy has 1 connection open, its maximum (-max-conns); try again later"
 
 
 @pytest.fixture

@@ -878,7 +878,8 @@ def test_framed_server_past_max_conns_answers_overloaded_and_closes(framed_serve
     second = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
     kit.sockets.append(second)
     assert read_to_end(second) == ([protocol.error(
-        "OVERLOADED", "the server has 1 connections open, its maximum; try again later")],
+        "OVERLOADED", "the server has 1 connection open, its maximum (-max-conns); try "
+        "again later")],
         "eof")
     first.send(nth_data(1))  # the first connection is still served
     assert first.receive(WAIT, WAIT) == protocol.ack_for("s9", nth_data(1))

@@ -510,7 +510,8 @@ def test_connection_cap_answers_overloaded_once_then_serves_again(nodes, wires):
     assert not partial
     assert [(a["type"], a["code"]) for a in answers] == [(3, "OVERLOADED")]
     assert "20 connections" in answers[0]["message"]
-    proxy.wait_for(r"refusing connection from 127\.0\.0\.1:\d+: 20 connections open")
+    proxy.wait_for(r"refusing connection from 127\.0\.0\.1:\d+: the proxy has 20 connections "
+                   r"open, its maximum \(-max-conns\); try again later$")
     # The held connections were not harmed.
     held[0].send(data("c0", "capp", "again"))
     assert held[0].receive()["payload"] == sha1("again")

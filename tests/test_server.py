@@ -297,8 +297,8 @@ def test_part_of_a_frame_then_silence_on_the_session_is_lost_within_3_heartbeats
                     r"came, not the rest\); registering again in 0\.1 s$")
 
 
-FULL = (r"\(the proxy is full: OVERLOADED: the proxy has 1 connections open, its "
-        r"maximum; try again later\); registering again in [\d.]+ s$")
+FULL = (r"\(the proxy is full: OVERLOADED: the proxy has 1 connection open, its "
+        r"maximum \(-max-conns\); try again later\); registering again in [\d.]+ s$")
 
 
 def hold_the_only_connection(wires, proxy):
