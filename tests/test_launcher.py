@@ -97,22 +97,24 @@ def leftovers(base, launcher_pid=None):
 
 
 class Launchers:
-    """Runs of main_linux for one test; ``cleanup`` stops them and kills what they
-    left, by PID."""
+    """Runs of main_linux for one test, from a copy of the demo (``demo``, so that
+    the checkout's logs/ stay the user's); ``cleanup`` stops them and kills what
+    they left, by PID."""
 
-    def __init__(self):
+    def __init__(self, demo):
+        self.launcher = str(demo / "main_linux")
         self.runs = []
 
     def start(self, base, *options, preexec=None):
         """A run whose output is collected (a conftest Node)."""
-        node = Node(["main_linux", "-port", str(base), *options], name="main_linux",
+        node = Node([self.launcher, "-port", str(base), *options], name="main_linux",
                     preexec=preexec)
         self.runs.append((node.proc, base))
         return node
 
     def popen(self, base, *options, **popen_args):
         """A run with the stdio of ``popen_args`` (subprocess.Popen's)."""
-        proc = subprocess.Popen([PYTHON, "main_linux", "-port", str(base), *options],
+        proc = subprocess.Popen([PYTHON, self.launcher, "-port", str(base), *options],
                                 cwd=ROOT, **popen_args)
         self.runs.append((proc, base))
         return proc
@@ -134,8 +136,8 @@ class Launchers:
 
 
 @pytest.fixture
-def launchers():
-    group = Launchers()
+def launchers(demo_copy):
+    group = Launchers(demo_copy)
     yield group
     group.cleanup()
 
