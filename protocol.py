@@ -357,10 +357,16 @@ def _check_string(message, field):
     return value
 
 
+def _shown_as_sent(value):
+    # A value of the wrong type shown as JSON: "3" (a string) is not 3 (a number).
+    return show(json.dumps(value, ensure_ascii=False) if isinstance(value, str) else value)
+
+
 def _check_count(message, field):
     value = _require(message, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MessageError(f"field '{field}' must be a non-negative integer, got {show(value)}")
+        raise MessageError(f"field '{field}' must be a non-negative integer, got "
+                           f"{_shown_as_sent(value)}")
     return value
 
 
@@ -387,7 +393,8 @@ def _validate_setup(message):
     if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise MessageError(f"listenport must be a port number from 1 to 65535, got {show(port)}")
+        raise MessageError(f"listenport must be a port number from 1 to 65535, got "
+                           f"{_shown_as_sent(port)}")
     message["listenport"] = port
     if "host" in message:
         host = _check_string(message, "host")
@@ -397,13 +404,14 @@ def _validate_setup(message):
     if "weight" in message:
         weight = message["weight"]
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
-            raise MessageError(f"weight must be an integer from 1 to {MAX_WEIGHT}, got {show(weight)}")
+            raise MessageError(f"weight must be an integer from 1 to {MAX_WEIGHT}, got "
+                               f"{_shown_as_sent(weight)}")
     if "heartbeat" in message:
         beat = message["heartbeat"]
         if (isinstance(beat, bool) or not isinstance(beat, (int, float))
                 or not 0 < beat <= MAX_HEARTBEAT):
             raise MessageError(f"heartbeat must be a number of seconds above 0 and at most "
-                               f"{MAX_HEARTBEAT}, got {show(beat)}")
+                               f"{MAX_HEARTBEAT}, got {_shown_as_sent(beat)}")
     for field in ("nonce", "proof"):
         if field in message:
             _check_string(message, field)

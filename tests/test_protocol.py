@@ -309,7 +309,7 @@ WRONG = [
     (0, "privPoliId", None, "field 'privPoliId' must be a string or an integer, got null"),
     (0, "payload", 5, "field 'payload' must be a string, got 5"),
     (0, "payload", None, "field 'payload' must be a string, got null"),
-    (0, "payloadsize", "5", "field 'payloadsize' must be a non-negative integer, got 5"),
+    (0, "payloadsize", "5", 'field \'payloadsize\' must be a non-negative integer, got "5"'),
     (0, "payloadsize", -1, "field 'payloadsize' must be a non-negative integer, got -1"),
     (0, "payloadsize", True, "field 'payloadsize' must be a non-negative integer, got true"),
     (1, "id", {"a": 1}, 'field \'id\' must be a string or an integer, got {"a": 1}'),
@@ -323,7 +323,9 @@ WRONG = [
     (1, "proof", None, "field 'proof' must be a string, got null"),
     (2, "srcid", 1.0, "field 'srcid' must be a string or an integer, got 1.0"),
     (2, "destid", [], "field 'destid' must be a string or an integer, got []"),
-    (2, "payloadsize", "40", "field 'payloadsize' must be a non-negative integer, got 40"),
+    (2, "payloadsize", "40", 'field \'payloadsize\' must be a non-negative integer, got "40"'),
+    (1, "weight", "3", 'weight must be an integer from 1 to 256, got "3"'),
+    (1, "weight", "", 'weight must be an integer from 1 to 256, got ""'),
     (2, "payload", 40, "field 'payload' must be a string, got 40"),
     (3, "code", 1, "field 'code' must be a string, got 1"),
     (3, "message", None, "field 'message' must be a string, got null"),
@@ -377,9 +379,9 @@ def test_setup_listenport_digit_string_or_int_is_normalized_to_int(port, normali
 
 
 @pytest.mark.parametrize("port, shown", [(0, "0"), ("0", "0"), (65536, "65536"),
-                                         ("65536", "65536"), ("abc", "abc"),
-                                         ("123456", "123456"), ("-1", "-1"), (-1, "-1"),
-                                         (" 80", " 80"), ("٨٠", "٨٠"), (None, "null")])
+                                         ("65536", "65536"), ("abc", '"abc"'),
+                                         ("123456", '"123456"'), ("-1", '"-1"'), (-1, "-1"),
+                                         (" 80", '" 80"'), ("٨٠", '"٨٠"'), (None, "null")])
 def test_setup_listenport_out_of_range_or_not_digits_is_rejected(port, shown):
     message = valid(1)
     message["listenport"] = port
@@ -388,7 +390,7 @@ def test_setup_listenport_out_of_range_or_not_digits_is_rejected(port, shown):
 
 
 @pytest.mark.parametrize("beat, shown", [(0, "0"), (0.0, "0.0"), (-1, "-1"), (-0.5, "-0.5"),
-                                         (True, "true"), (False, "false"), ("5", "5"),
+                                         (True, "true"), (False, "false"), ("5", '"5"'),
                                          (None, "null"), (float("inf"), "Infinity"),
                                          (3600.5, "3600.5"), (10 ** 400, "1" + "0" * 63 + "... (401 chars)"),
                                          (1e300, "1e+300")])
