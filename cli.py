@@ -693,6 +693,17 @@ def arg_hostports(text):
 
 
 @arg_type
+def arg_host(text):
+    """A ``-host``: an IP address (IPv6 without brackets) or a DNS name
+    (``protocol.is_host``), so that no other text reaches the resolver."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if not protocol.is_host(text):
+        raise ValueError(f"'{text}' is not an IP address or a DNS name")
+    return text
+
+
+@arg_type
 def arg_listen_address(text):
     """``PORT`` or ``HOST:PORT`` to listen on; port 0 picks a free port."""
     return protocol.parse_hostport(text, allow_zero=True)

@@ -718,7 +718,7 @@ def build_parser():
         "upstream server of its privacy policy and relays the answer (PROTOCOL.md).")
     parser.add_argument("-port", type=cli.arg_port, default=2100,
                         help="TCP port to listen on; 0 picks a free port")
-    parser.add_argument("-host", default="127.0.0.1",
+    parser.add_argument("-host", type=cli.arg_host, default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 (or ::) serves other machines")
     parser.add_argument("-proxy-protocol-port", type=cli.arg_port, metavar="PORT",
                         help="also listen on PORT (same -host) for a front tier such as "

@@ -419,7 +419,7 @@ def build_parser():
                         help="the reverse proxy: PORT or HOST:PORT (IPv6: [ADDR]:PORT); "
                              "several, comma-separated, to register with each of them "
                              "(default: 2100)")
-    parser.add_argument("-host",
+    parser.add_argument("-host", type=cli.arg_host,
                         help="address to listen on (IPv4 or IPv6), and to give the "
                              "proxies; 0.0.0.0 listens on every IPv4 address, :: on "
                              "every IPv6 and IPv4 one, and then each proxy uses the "

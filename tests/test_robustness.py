@@ -361,3 +361,15 @@ def test_proxy_settings_that_contradict_each_other_are_usage_errors(options, rea
     done = run("reverse_proxy.py", *options)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"reverse_proxy.py: error: {reason}"
+
+
+@pytest.mark.parametrize("program, required", [
+    ("reverse_proxy.py", ()), ("server.py", ("-id", "1", "-pp", "1"))])
+@pytest.mark.parametrize("host", ["\u65e5\u672c", "a..b", "a_b"])
+def test_a_host_that_is_neither_an_address_nor_a_dns_name_is_a_usage_error(
+        program, required, host):
+    # It would go to the resolver (a DNS query off this machine) as something else.
+    done = run(program, *required, "-host", host)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"{program}: error: argument -host: '{host}' is not an IP address or a DNS name")
