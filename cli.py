@@ -98,9 +98,10 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   error, reason}; the stats listener (``-stats``): ``stats_listening`` {url},
   ``stats_unavailable`` {path, error, reason} (no snapshot or answer could be
   made), ``stats_request_failed`` {peer, error, reason}.
-* client: ``sent`` {payload, policy, proxy}, ``answer`` {server, payload},
-  ``verified`` {server, payload}, ``wrong_hash`` {server, payload, expected},
-  ``error_answer`` {code, error, payload}, ``unexpected`` {type, payload},
+* client: ``sent`` {payload, policy, proxy}, ``answer`` {server, payload, proxy},
+  ``verified`` {server, payload, proxy}, ``wrong_hash`` {server, payload, expected,
+  proxy}, ``error_answer`` {code, error, payload, proxy}, ``unexpected`` {type,
+  payload, proxy} (``proxy``: the one the answer came through),
   ``failover`` {proxy, reason, packets}, ``summary`` {correct, packets}.
 """
 

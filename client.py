@@ -170,7 +170,7 @@ def exchange(conn, packets, timeout, out, where, via=""):
             if refused:
                 raise ExchangeFailed(f"the reverse proxy at {where} did not accept the "
                                      f"connection: {refused}", 0, 0)
-            correct += report(answer, packet, out, via)
+            correct += report(answer, packet, out, where, via)
     except netio.ConnectionTimeout:
         reason = f"no answer from the reverse proxy at {where} within {timeout:g} s (-timeout)"
     except socket.timeout:  # after ConnectionTimeout, a TimeoutError too (3.10+)
@@ -213,29 +213,32 @@ def tls_hint(conn):
     return "" if conn.tls or not netio.may_speak_tls(conn.head) else loadgen.TLS_HINT
 
 
-def report(answer, packet, out, via):
-    """Print the lines of one answer to ``packet``; return 1 if it is the right ACK."""
+def report(answer, packet, out, where, via):
+    """Print the lines of one answer to ``packet``, which came through the proxy at
+    ``where`` (``via`` says so in the text lines when there are several); return 1 if
+    it is the right ACK."""
     if answer["type"] == MessageType.ACK:
         expected = protocol.sha1_hex(packet["payload"])
         server, received = answer["srcid"], show(answer["payload"])
         out(f"Receiving a response from the server {show(server)} payload: {received}{via}",
-            cli.event("answer", server=server, payload=received))
+            cli.event("answer", server=server, payload=received, proxy=where))
         if answer["payload"] == expected:
             out("Hash of payload is correct",
-                cli.event("verified", server=server, payload=received))
+                cli.event("verified", server=server, payload=received, proxy=where))
             return 1
         out(f"Hash of payload is NOT correct: expected {expected}",
-            cli.event("wrong_hash", server=server, payload=received, expected=expected))
+            cli.event("wrong_hash", server=server, payload=received, expected=expected,
+                      proxy=where))
     elif answer["type"] == MessageType.ERROR:
         out(f"Error from the reverse proxy for payload {show(packet['payload'])}: "
             f"{answer['code']}: {answer['message']}{via}",
             cli.event("error_answer", code=answer["code"], error=answer["message"],
-                      payload=show(packet["payload"])))
+                      payload=show(packet["payload"]), proxy=where))
     else:
         out(f"Unexpected {answer['type'].name} message from the reverse proxy instead "
             f"of the answer for payload {show(packet['payload'])}{via}",
             cli.event("unexpected", type=answer["type"].name,
-                      payload=show(packet["payload"])))
+                      payload=show(packet["payload"]), proxy=where))
     return 0
 
 

@@ -544,9 +544,10 @@ def test_log_format_json_writes_one_object_per_line_with_its_event(nodes, tmp_pa
          "message": f"Sending message {shown} to privacy policy 111 through reverse proxy "
                     f"running on port {proxy.port}"},
         {"event": "answer", "server": "100", "payload": digest,
+         "proxy": f"127.0.0.1:{proxy.port}",
          "message": f"Receiving a response from the server 100 payload: {digest}"},
         {"event": "verified", "server": "100", "payload": digest,
-         "message": "Hash of payload is correct"}]
+         "proxy": f"127.0.0.1:{proxy.port}", "message": "Hash of payload is correct"}]
     proxy.wait_for(re.escape(f"Forwarding a data message to client id 1 payload: {digest}"))
     assert server.stop() == 0
     assert proxy.stop() == 0
