@@ -115,6 +115,7 @@ class FrontChannel(eventloop.Channel):
         self.finishing = False
         self.last_seq = None
         self.ready = False
+        self.awaiting_header = proxied  # no PROXY protocol header yet (front tier)
 
     def start(self):
         self.proxy.front.add(self)
@@ -125,6 +126,7 @@ class FrontChannel(eventloop.Channel):
     def preamble_received(self, header):
         # The client's address, as the front tier saw it (PROXY protocol); LOCAL (the
         # front tier's own health check) and UNKNOWN keep the real one.
+        self.awaiting_header = False
         if header.source is not None:
             self.host = _unmapped(header.source[0])
             self.peer = protocol.format_address(self.host, header.source[1])
@@ -314,8 +316,9 @@ class FrontChannel(eventloop.Channel):
         self.proxy.front.discard(self)
         self.held.clear()
         if exc is not None and not self.ready:
-            log.warning("connection from %s failed before its first frame: %s", self.peer,
-                        netio.describe_error(exc),
+            log.warning("connection from %s failed before %s: %s", self.peer,
+                        "its PROXY protocol header (front-tier port)" if self.awaiting_header
+                        else "its first frame", netio.describe_error(exc),
                         extra=cli.event("connection_failed", peer=self.peer,
                                         reason=netio.describe_error(exc)))
         upstream = self.session_of

@@ -775,3 +775,13 @@ def test_the_front_tier_listener_takes_the_client_address_from_the_header(
     assert bare.closed()
     proxy.log.wait_for(r"not a PROXY protocol header")
     bare.close()
+
+
+def test_a_front_tier_connection_whose_header_never_comes_is_said_to_lack_it(proxies):
+    proxy = proxies(proxy_protocol_address=("127.0.0.1", 0), frame_timeout=0.3)
+    silent = Wire(proxy.front_tier.port)
+    silent.send_bytes(b"PROXY TCP4 ")  # the start of a header, and no more
+    assert silent.closed()
+    proxy.log.wait_for(r"^connection from 127\.0\.0\.1:\d+ failed before its PROXY protocol "
+                       r"header \(front-tier port\): timed out")
+    silent.close()
