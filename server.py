@@ -113,11 +113,13 @@ class UpstreamServer(netio.FramedServer):
                 if items is None:
                     return
                 answers = [self.answer(item, conn.peer) for item in items]
-                conn.send_frames([protocol.encode_frame(answer) for answer in answers])
+                # Counted before they leave: a peer that has its answers and asks
+                # (SIGUSR1) must find them counted.
                 acks = sum(1 for answer in answers if answer["type"] == MessageType.ACK)
                 if acks:
                     with self._answered_lock:  # one lock per batch, not per frame
                         self._answered += acks
+                conn.send_frames([protocol.encode_frame(answer) for answer in answers])
         except OSError:
             pass
 
