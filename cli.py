@@ -75,7 +75,8 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   ``unreachable`` {proxy, reason, retry_s}, ``registered`` {proxy, id, policy,
   heartbeat}, ``session_lost`` {proxy, reason, retry_s}, ``session_error`` {proxy,
   code, reason}, ``refused`` {proxy, reason}; per packet ``received`` {client,
-  payload}, ``answer`` {client, payload}; ``bad_message`` {peer, reason},
+  payload, peer}, ``answer`` {client, payload, peer} (``peer``: the data
+  connection, from a proxy); ``bad_message`` {peer, reason},
   ``idle_timeout`` {peer}; ``sessions`` {sessions, answered} (SIGUSR1: each
   proxy's session state, DATA frames answered); ``nothing_to_reload`` (SIGHUP).
 * proxy: ``front_tier`` {port}; ``limits`` {descriptors, max_conns}; ``limits_low``

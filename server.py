@@ -81,13 +81,17 @@ class UpstreamServer(netio.FramedServer):
         address: ``(host, port)`` to listen on; port 0 picks a free port.
         server_id: this server's id (str), the ``srcid`` of its ACKs.
         frame_timeout, idle_timeout: seconds, see ``netio.Connection.receive``.
+        name_peer: end each per-packet text line with `` (from PEER)``, the data
+            connection's peer (with several proxies: which one the packet came
+            through); the JSON events always carry it as ``peer``.
         **server_options: passed to ``netio.FramedServer``.
     """
 
     def __init__(self, address, server_id, *, frame_timeout=10.0, idle_timeout=300.0,
-                 **server_options):
+                 name_peer=False, **server_options):
         super().__init__(address, **server_options)
         self.server_id = server_id
+        self.name_peer = name_peer
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
         self._answered = 0  # DATA frames answered with an ACK, over every connection
@@ -140,14 +144,15 @@ class UpstreamServer(netio.FramedServer):
         if kind == MessageType.DATA:
             reply = protocol.ack_for(self.server_id, item)
             if packets.isEnabledFor(logging.INFO):
-                packets.info("Received a message from client %s payload: %s",
-                             show(item["srcid"]), show(item["payload"]),
+                via = f" (from {peer})" if self.name_peer else ""
+                packets.info("Received a message from client %s payload: %s%s",
+                             show(item["srcid"]), show(item["payload"]), via,
                              extra=cli.event("received", client=item["srcid"],
-                                             payload=show(item["payload"])))
-                packets.info("Sending a response to the client %s payload: %s",
-                             show(item["srcid"]), reply["payload"],
+                                             payload=show(item["payload"]), peer=peer))
+                packets.info("Sending a response to the client %s payload: %s%s",
+                             show(item["srcid"]), reply["payload"], via,
                              extra=cli.event("answer", client=item["srcid"],
-                                             payload=reply["payload"]))
+                                             payload=reply["payload"], peer=peer))
             return reply
         if kind == MessageType.PING:
             return protocol.pong()
@@ -469,7 +474,8 @@ def main(argv=None):
         server = UpstreamServer(
             (args.host, args.listen), args.id, frame_timeout=args.frame_timeout,
             idle_timeout=args.idle_timeout, max_frame=args.max_frame,
-            max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout)
+            max_conns=args.max_conns, tls=tls, handshake_timeout=args.frame_timeout,
+            name_peer=len(args.revproc) > 1)
     except OSError as exc:
         parser.exit_cannot_listen(args.host, args.listen, exc)
     signals = netio.Signals((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))

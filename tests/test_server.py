@@ -19,6 +19,7 @@ the signals and the exit status are the point:
 """
 
 import os
+import re
 import resource
 import signal
 import socket
@@ -84,6 +85,25 @@ def test_registers_with_every_proxy_and_sigterm_leaves_them_all(nodes):
         left(proxy, "s1", "111")
     server.wait_for(r"^Stopping: leaving the rotation of 2 proxies, then answering")
     assert_no_traceback(server)
+
+
+def test_with_several_proxies_each_packet_line_names_the_connection_it_came_on(nodes):
+    # Issue 10: the log says which proxy each line is about; the proxies here share
+    # a host, so the data connection's address tells them apart.
+    a, b = nodes.proxy(), nodes.proxy()
+    server = nodes.server("s5", "111", f"{a.port},{b.port}", wait=False)
+    for proxy in (a, b):
+        server.wait_for(rf"Registered with the reverse proxy at 127\.0\.0\.1:{proxy.port} ")
+    peers = []
+    for proxy in (a, b):
+        mark = len(server.lines)
+        assert answered_by(proxy.port, "111", 1) == ["s5"]
+        peers.append(server.wait_for(r"^Received a message from client c1 payload: d0 "
+                                     r"\(from (127\.0\.0\.1:\d+)\)$", start=mark).group(1))
+        server.wait_for(rf"^Sending a response to the client c1 payload: {sha1('d0')} "
+                        rf"\(from {re.escape(peers[-1])}\)$", start=mark)
+    assert peers[0] != peers[1]  # two proxies, two data connections
+    assert server.stop() == 0
 
 
 def test_one_proxy_killed_and_restarted_leaves_the_other_session_alone(nodes):
