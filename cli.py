@@ -95,7 +95,8 @@ fields (payloads as ``protocol.show`` gives them, at most 64 characters, so that
   (and {unanswered} when frames waited for answers);
   ``connection_failed`` {peer, reason}; ``overloaded`` {peer, max_conns};
   ``accept_paused``, ``accept_failed`` {listener, reason}; ``keys_reloaded`` {file,
-  added, removed, changed}; ``keys_kept`` {file, reason}; ``internal_error`` {where,
+  added, removed, changed}; ``keys_kept`` {file, reason}; ``nothing_to_reload``
+  (SIGHUP without -policy-keys); ``internal_error`` {where,
   error, reason}; the stats listener (``-stats``): ``stats_listening`` {url},
   ``stats_unavailable`` {path, error, reason} (no snapshot or answer could be
   made), ``stats_request_failed`` {peer, error, reason}.

@@ -23,8 +23,10 @@ Threads and locks:
 * The main thread parses the command line, then waits for signals
   (``netio.Signals``: the handlers do nothing, the signal numbers come through a
   socket): SIGTERM and Ctrl-C drain and stop the proxy, SIGUSR1 prints the registry
-  (read under the registry's lock), SIGHUP reads the key file and posts the new keys
-  to the loop. It touches nothing else.
+  (read under the registry's lock), SIGHUP starts the key reload. It touches nothing
+  else.
+* A "reload" thread (one at a time, guarded by ``_reload_lock``) reads the key file,
+  which may block (a FIFO, a slow mount), and posts the new keys to the loop.
 * The loop thread (``ReverseProxy.start``) owns every socket: the listeners, every
   client, registration and data connection, every health check, and all per-
   connection state, the counters (``forwarder.Totals``) and the registration gate.
@@ -851,7 +853,8 @@ def main(argv=None):
             if args.policy_keys:
                 proxy.reload_keys(args.policy_keys)
             else:
-                log.info("SIGHUP: nothing to reload (no -policy-keys file)")
+                log.info("SIGHUP: nothing to reload (no -policy-keys file)",
+                         extra=cli.event("nothing_to_reload"))
         if signal.SIGTERM in received or signal.SIGINT in received:
             break
     log.info("Stopping: answering the frames already received, then exiting",
