@@ -9,7 +9,7 @@ import threading
 import time
 
 import protocol
-from conftest import WAIT, Wire, frame, sha1
+from conftest import WAIT, Wire, frame, sha1, wait_until
 
 
 def pipelined(port, frames, timeout=WAIT):
@@ -379,10 +379,7 @@ def test_a_frame_half_read_while_the_proxy_stops_reading_is_not_timed_out(
     frames = [protocol.encode_frame(protocol.data("c", "111", f"p{i}")) for i in range(131)]
     wire = Wire(proxy.port)
     wire.send_bytes(b"".join(frames[:130]) + frames[130][:10])
-    deadline = time.monotonic() + WAIT
-    while server.count < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: server.count >= 1, "the first frame at the server")
     time.sleep(1.0)  # past the frame timeout: the proxy is not reading meanwhile
     released.set()
     answers = [wire.receive()]
@@ -406,15 +403,15 @@ def test_stopping_answers_the_frames_received_and_lingers_for_a_client_still_sen
     wire = Wire(proxy.port)
     wire.send_bytes(b"".join(protocol.encode_frame(protocol.data("c", "111", f"p{i}"))
                              for i in range(3)))
-    deadline = time.monotonic() + WAIT
-    while server.count < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: server.count >= 1, "the first frame at the server")
     stopper = threading.Thread(target=proxy.stop, kwargs={"drain_timeout": WAIT})
     stopper.start()
-    while not proxy.stopping:  # set by the drain, which then reads nothing more
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: proxy.stopping, "the drain begun")
+    # The drain is one turn of the loop, which reads what has come and then reads no
+    # more: a callback posted now runs after it.
+    drained = threading.Event()
+    proxy.loop.post(drained.set)
+    assert drained.wait(WAIT)
     wire.send_bytes(protocol.encode_frame(protocol.data("c", "111", "late")) * 100)
     released.set()
     answers = [wire.receive() for _ in range(3)]
@@ -431,10 +428,7 @@ def test_at_the_end_of_the_drain_time_frames_still_unanswered_get_timeout(
     server.register(proxy.port, "111")
     wire = Wire(proxy.port)
     wire.send(protocol.data("c", "111", "p"))
-    deadline = time.monotonic() + WAIT
-    while server.count < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: server.count >= 1, "the first frame at the server")
     started = time.monotonic()
     proxy.stop(drain_timeout=0.3)
     assert time.monotonic() - started < 0.3 + 0.5 + 0.5
