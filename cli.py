@@ -116,7 +116,6 @@ import math
 import os
 import queue
 import resource
-import signal
 import sys
 import threading
 import time
@@ -501,13 +500,18 @@ def finish(status):
     after the log writer wrote what is queued, for up to ``FINISH_WAIT`` seconds.
     Never returns.
 
-    If the writer is stuck in a write, the process ends with ``os._exit``: every
-    line written so far was flushed as it was written, and what is left (the
-    blocked line, the queue) cannot be written without blocking; Python's own exit
-    would flush stdout and block on it.
+    The process ends with ``os._exit``, once everything is written and flushed (or
+    cannot be written without blocking: a writer stuck in a write; Python's own exit
+    would flush stdout and block on it). The interpreter's teardown is skipped on
+    purpose: it puts back the default action of the signals the program handles, so
+    that one more SIGTERM then would end the program by the signal instead of its
+    status. The programs have stopped their threads and closed their sockets by now.
     """
     if status is None:
         status = 0
+    elif not isinstance(status, int):  # sys.exit("text"): the text, then status 1
+        print_error(str(status))
+        status = 1
     writer = _output.writer
     drained = writer is None or writer.drain(FINISH_WAIT)
     if drained:
@@ -519,13 +523,6 @@ def finish(status):
                 _output.mark_closed(stream)
             except OSError as exc:
                 _output.mark_failed(stream, exc.strerror or str(exc))
-    if threading.current_thread() is threading.main_thread():
-        # The interpreter's teardown puts back the default action of the signals the
-        # program handles: a second SIGTERM then would end it by the signal, not with
-        # its status. It is ending anyway.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            if callable(signal.getsignal(signum)):
-                signal.signal(signum, signal.SIG_IGN)
     if _output.closed:
         status = EXIT_CLOSED_OUTPUT
     elif _output.failed is not None:
@@ -534,9 +531,7 @@ def finish(status):
                     "lines were lost")
         if not status:
             status = 1
-    if not drained:
-        os._exit(status if isinstance(status, int) else 1)
-    sys.exit(status)
+    os._exit(status)
 
 
 def run(main):

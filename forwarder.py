@@ -57,11 +57,20 @@ PONG_FRAME = protocol.encode_frame(protocol.pong())
 PIPELINE_DEPTH = 64
 
 
+# The fields of an answer that the protocol defines (PROTOCOL.md section 2): what is
+# passed on when the whole answer, written again, would exceed -max-frame.
+_ANSWER_FIELDS = {
+    MessageType.ACK: ("type", "srcid", "destid", "payloadsize", "payload"),
+    MessageType.ERROR: ("type", "code", "message", "destid"),
+}
+
+
 class Pending:
     """One DATA frame on its way: whose it is, its bytes, where it has been.
 
     Attributes:
-        client: the client channel it came on (has ``answered(pending, frame, code)``).
+        client: the client channel it came on (has ``answered(pending, frame, code)``,
+            and ``wants(seq)``: False once the answer is no longer owed).
         seq: its sequence number on that connection.
         frame: the whole frame to send (bytes).
         message: the validated DATA message (dict).
@@ -184,11 +193,6 @@ class DataChannel(eventloop.Channel):
             elif kind is MessageType.ERROR:
                 answer["destid"] = pending.srcid
                 frame = protocol.encode_frame(answer)
-                if len(frame) - protocol.HEADER_SIZE > forwarder.max_frame:
-                    # Numbers in fields the proxy does not know grow when written
-                    # again (1e9 becomes 1000000000.0): the client gets what it needs.
-                    frame = protocol.encode_frame(protocol.error(
-                        answer["code"], answer["message"], destid=pending.srcid))
                 if answer["code"] in protocol.CLOSING_CODES:
                     # The server closes after this answer (a frame it found too large,
                     # say); the frames behind it were never read. Not a fault of the
@@ -199,6 +203,17 @@ class DataChannel(eventloop.Channel):
                     f"malformed answer: a {kind.name} message instead of the ACK for client "
                     f"{show(pending.srcid)}"))
                 return
+            if len(frame) - protocol.HEADER_SIZE > forwarder.max_frame:
+                # Written again (a string type, the destid of an ERROR), numbers in
+                # fields the proxy does not know may grow (1e9 becomes 1000000000.0):
+                # the client gets the fields the protocol defines, if they fit.
+                frame = protocol.encode_frame(
+                    {field: answer[field] for field in _ANSWER_FIELDS[kind] if field in answer})
+                if len(frame) - protocol.HEADER_SIZE > forwarder.max_frame:
+                    self.abort(protocol.MessageError(
+                        f"malformed answer: its {kind.name} takes {len(frame)} bytes with "
+                        f"the client's destid, above -max-frame ({forwarder.max_frame})"))
+                    return
             queue.popleft()
             self.answered += 1
             upstream.in_flight -= 1
@@ -381,8 +396,12 @@ class Forwarder:
         if not frames:
             return
         upstream.in_flight -= len(frames)
+        # The server failed all the same; but a frame whose answer nobody wants any
+        # more (its client has gone, or was answered TIMEOUT) goes nowhere else.
+        owed = [pending for pending in frames if pending.client.wants(pending.seq)]
         if channel.peer_closing:
-            self._open(upstream, frames)
+            if owed:
+                self._open(upstream, owed)
             return
         if eventloop.exhausted(exc):
             log.warning("cannot open a data connection to server id %s at %s: %s; %d "
@@ -390,7 +409,7 @@ class Forwarder:
                         describe_error(exc), len(frames),
                         extra=cli.event("exhausted", id=upstream.key, address=upstream.address,
                                         reason=describe_error(exc), frames=len(frames)))
-            for pending in frames:
+            for pending in owed:
                 self._refuse(pending, ServiceError(
                     f"the proxy is out of descriptors ({describe_error(exc)}); try again "
                     "later", protocol.OVERLOADED))
@@ -399,14 +418,15 @@ class Forwarder:
                 and (exc is None or isinstance(exc, ConnectionError))):
             # As the blocking proxy before it did with a pooled connection: once, on a
             # fresh connection to the same server, without counting a failure.
-            for pending in frames:
+            for pending in owed:
                 pending.resent = True
-            self._open(upstream, frames)
+            if owed:
+                self._open(upstream, owed)
             return
         why = _failure_text(exc, channel)
         upstream.failures += len(frames)
         self._failed(upstream, why)
-        for pending in frames:
+        for pending in owed:
             if pending.tried is None:
                 pending.tried = {}
             pending.tried[upstream] = why

@@ -233,6 +233,11 @@ class FrontChannel(eventloop.Channel):
 
     # --- Answers out ------------------------------------------------------------------
 
+    def wants(self, seq):
+        """True while the answer to this connection's frame ``seq`` is still owed: not
+        given yet (a TIMEOUT at the idle timeout, say) and the connection open."""
+        return seq >= self.next_out and not self.is_closed
+
     def answered(self, pending, frame, code):
         """The answer to a forwarded DATA frame came (see ``forwarder.Pending``)."""
         self.in_flight_bytes -= len(pending.frame)
@@ -243,13 +248,13 @@ class FrontChannel(eventloop.Channel):
         answers to every frame before it (section 3: answers in the order the frames
         came). ``code`` ("ACK" or an error code) is counted; ``linger``: then close
         with a lingering close."""
+        if seq < self.next_out:
+            return  # answered already (TIMEOUT: the drain or the idle timeout gave up)
         if code is not None:
             self.proxy.totals.count(code)
         if linger:
             self.last_seq = seq
         if seq != self.next_out:
-            if seq < self.next_out:
-                return  # answered already (the proxy gave up on it while stopping)
             self.held[seq] = frame
             return
         held = self.held

@@ -308,6 +308,32 @@ def test_frames_unanswered_for_the_idle_timeout_get_timeout_then_the_connection_
     assert proxy.stats()["totals"]["answers"]["TIMEOUT"] == 2
 
 
+def test_a_frame_answered_timeout_at_the_idle_timeout_is_counted_once_and_not_failed_over(
+        proxies, fake_servers):
+    proxy = proxies(idle_timeout=0.5, upstream_timeout=1.5)
+
+    def first_only(message, count):
+        return protocol.ack_for("A", message) if count == 1 else None
+
+    silent_after_one = fake_servers("A", first_only)
+    honest = fake_servers("B")
+    silent_after_one.register(proxy.port, "111")
+    honest.register(proxy.port, "111")
+    answers = pipelined(proxy.port, [protocol.data("c", "111", f"p{i}") for i in range(3)])
+    assert [a["code"] if "code" in a else a["srcid"] for a in answers] == ["A", "B", "TIMEOUT"]
+
+    def server_a():
+        return proxy.stats()["policies"][0]["servers"][0]
+
+    # At the upstream timeout server A is out (a legacy server: dropped), and p2,
+    # whose client has its answer, is not sent to B.
+    wait_until(lambda: server_a()["state"] != "up", "server A out of the rotation")
+    totals = proxy.stats()["totals"]
+    assert (totals["answers"]["ACK"], totals["answers"]["TIMEOUT"], totals["failovers"]) == (
+        2, 1, 0)
+    assert honest.count == 1
+
+
 def test_a_server_that_trickles_an_answer_is_timed_out_and_the_frame_moves_on(
         proxies, fake_servers):
     # Each byte of a never-ending answer must not move the frame's deadline.
@@ -358,6 +384,38 @@ def test_an_error_answer_that_grows_past_max_frame_when_written_again_is_cut_to_
     answers = pipelined(proxy.port, [protocol.data("c", "111", "p")])
     assert answers == [{"type": protocol.MessageType.ERROR, "code": "BAD_MESSAGE",
                         "message": "m", "destid": "c"}]
+
+
+def test_a_string_type_ack_that_grows_past_max_frame_when_written_again_is_cut_to_its_fields(
+        proxies, fake_servers):
+    proxy = proxies(max_frame=2000)
+    digest = sha1("p")
+    body = (b'{"type":"2","srcid":"A","destid":"c","payloadsize":40,"payload":"'
+            + digest.encode() + b'","z":[' + b",".join([b"1e9"] * 400) + b"]}")
+    assert len(body) < 2000 < len(protocol.encode_frame(protocol.parse_message(body)))
+    fake_servers("A", lambda message, count: frame(body)).register(proxy.port, "111")
+    answers = pipelined(proxy.port, [protocol.data("c", "111", "p")])
+    assert answers == [{"type": protocol.MessageType.ACK, "srcid": "A", "destid": "c",
+                        "payloadsize": 40, "payload": digest}]
+
+
+def test_an_error_that_cannot_fit_max_frame_with_the_clients_destid_is_a_failed_answer(
+        proxies, fake_servers):
+    # A server's ERROR without destid, exactly -max-frame long: with the client's
+    # 256-character id added it cannot be passed on whole, nor cut to fit.
+    proxy = proxies(max_frame=600)
+    envelope = b'{"type":3,"code":"BAD_MESSAGE","message":""}'
+    body = envelope[:-2] + b"m" * (600 - len(envelope)) + b'"}'
+    assert len(body) == 600
+    fake_servers("A", lambda message, count: frame(body)).register(proxy.port, "111")
+    srcid = "c" * 256
+    answers = pipelined(proxy.port, [protocol.data(srcid, "111", "p")])
+    assert [(a["code"], a["destid"]) for a in answers] == [("UPSTREAM_FAILED", srcid)]
+    assert answers[0]["message"].startswith(
+        "the only live server of privacy policy 111 failed (server id A: malformed answer: "
+        "its ERROR takes ")
+    assert answers[0]["message"].endswith(" bytes with the client's destid, above -max-frame "
+                                          "(600))")
 
 
 def test_a_frame_half_read_while_the_proxy_stops_reading_is_not_timed_out(

@@ -294,7 +294,9 @@ def test_sigterm_again_and_again_while_stopping_still_ends_with_status_0(program
         while proc.poll() is None and time.monotonic() < deadline:
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.002)  # the pace of the storm, not a wait for an event
-        assert proc.wait(WAIT) == 0, proc.stdout.read()
+        assert proc.wait(WAIT) == 0
+        rest = proc.stdout.read()  # a signal met at the very end is no error either
+        assert "Traceback" not in rest and "race condition" not in rest, rest
     finally:
         proc.kill()
         proc.wait(WAIT)
