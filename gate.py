@@ -188,7 +188,9 @@ def key_file_lines(path, what):
     if len(text) > KEY_FILE_LIMIT:
         raise ValueError(f"cannot read {what} '{path}': it is larger than "
                          f"{KEY_FILE_LIMIT:,} characters (not a key file?)")
-    lines = text.splitlines()
+    # Lines as an editor numbers them: str.splitlines would also split at form feeds
+    # and U+2028, and the numbers in the errors would not match.
+    lines = [line.rstrip("\r") for line in text.split("\n")]
     kept = ((number, line.split("#", 1)[0].strip()) for number, line in enumerate(lines, 1))
     return [(number, text) for number, text in kept if text]
 

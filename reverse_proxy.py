@@ -778,11 +778,19 @@ def main(argv=None):
             parser.error(f"argument -balance: {what} is given twice ({given[policy]}, "
                          f"{algorithm}); give it once")
         given[policy] = algorithm
-    for option, port in (("-stats", args.stats and args.stats[1]),
-                         ("-proxy-protocol-port", args.proxy_protocol_port)):
-        if port and port == args.port:
-            parser.error(f"argument {option}: port {port} is the proxy's own -port; "
-                         "choose another")
+    listeners = [("-port", args.host, args.port)]
+    if args.proxy_protocol_port is not None:
+        listeners.append(("-proxy-protocol-port", args.host, args.proxy_protocol_port))
+    if args.stats:
+        listeners.append(("-stats", *args.stats))
+    for index, (option, host, port) in enumerate(listeners):
+        for other, other_host, other_port in listeners[:index]:
+            # Port 0 picks a free port; two listeners clash on one port when they
+            # share a host, or one of them listens on every address.
+            if port and port == other_port and (
+                    host == other_host or {host, other_host} & {"0.0.0.0", "::"}):
+                parser.error(f"argument {option}: port {port} is the proxy's own {other} "
+                             "too; choose another")
     if args.stats:
         # Only with -stats: stats.py brings http.server, a fifth of the start-up time.
         import stats

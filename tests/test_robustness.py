@@ -355,9 +355,14 @@ def test_an_id_longer_than_a_proxy_takes_is_a_usage_error(program, option, requi
      "argument -balance: the default algorithm is given twice (leastconn, leastconn); "
      "give it once"),
     (("-port", "2999", "-stats", "127.0.0.1:2999"),
-     "argument -stats: port 2999 is the proxy's own -port; choose another"),
+     "argument -stats: port 2999 is the proxy's own -port too; choose another"),
     (("-port", "2999", "-proxy-protocol-port", "2999"),
-     "argument -proxy-protocol-port: port 2999 is the proxy's own -port; choose another"),
+     "argument -proxy-protocol-port: port 2999 is the proxy's own -port too; choose another"),
+    (("-host", "0.0.0.0", "-port", "2999", "-stats", "127.0.0.1:2999"),
+     "argument -stats: port 2999 is the proxy's own -port too; choose another"),
+    (("-port", "2998", "-proxy-protocol-port", "2999", "-stats", "2999"),
+     "argument -stats: port 2999 is the proxy's own -proxy-protocol-port too; choose "
+     "another"),
 ])
 def test_proxy_settings_that_contradict_each_other_are_usage_errors(options, reason):
     done = run("reverse_proxy.py", *options)

@@ -1008,6 +1008,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_policy(tmp_path):
     assert gate.key_file_lines(str(key), "key file") == [(1, "secret")]
 
 
+def test_key_file_lines_are_numbered_as_an_editor_numbers_them(tmp_path):
+    # A form feed is white space within a line, not a line break (str.splitlines).
+    keys = tmp_path / "keys"
+    keys.write_text("111 a\x0c222 b\r\n333 c\n", encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        gate.load_policy_keys(str(keys))
+    assert str(refused.value) == f"{keys} line 1: expected 'POLICY KEY', got 4 fields"
+
+
 def test_a_key_file_larger_than_a_key_file_is_refused_without_reading_it_whole():
     with pytest.raises(ValueError) as refused:
         gate.load_policy_keys("/dev/zero")
