@@ -209,10 +209,17 @@ def progress_line(second, rate, histogram, errors):
             f"p99 {_ms(p99 and p99 / 1000)}  errors {errors:,}")
 
 
+# The error kinds (the keys of ``error_kinds``, which stay as they are) as the
+# summary line says more than one of them; an ERROR code is its own plural.
+_PLURALS = {"missing answer": "missing answers", "wrong hash": "wrong hashes",
+            "connection lost": "connections lost", "connection refused": "connections refused"}
+
+
 def summary_lines(summary):
     """The summary of a load as text lines; ``summary`` as ``LoadGenerator.run``
     returns it."""
-    kinds = ", ".join(f"{count:,} {kind}" for kind, count in summary["error_kinds"].items())
+    kinds = ", ".join(f"{count:,} {_PLURALS.get(kind, kind) if count != 1 else kind}"
+                      for kind, count in summary["error_kinds"].items())
     latency = "  ".join(f"{name} {_ms(summary[name + '_ms'])}"
                         for name in ("p50", "p90", "p99", "max"))
     return [

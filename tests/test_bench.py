@@ -431,7 +431,7 @@ def test_progress_line_and_summary_text():
     assert loadgen.summary_lines(summary) == [
         "packets 412,300 answered correctly in 10.00 s: 41,230 packets/s, 2.64 MB/s of payload",
         "latency p50 1.21 ms  p90 2.02 ms  p99 3.40 ms  max 12.50 ms",
-        "errors 3: 2 wrong hash, 1 ERROR NO_SERVER"]
+        "errors 3: 2 wrong hashes, 1 ERROR NO_SERVER"]
 
 
 # --- Pure parts of bench/compare.py ----------------------------------------------------------
