@@ -469,6 +469,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     requestline = ""
     request_version = "HTTP/1.0"
     command = None
+    # http.server's own refusals (a request line it cannot read, HTTP/2.0) are one
+    # line of text, as every other answer here, not an HTML page.
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s\n"
 
     def version_string(self):
         return self.server_version  # no Python version for the curious

@@ -328,7 +328,14 @@ def test_an_http_0_9_request_is_answered_at_once_without_waiting_for_headers(ser
     stats_server = serve(make_snapshot, request_timeout=3 * WAIT)
     assert raw(stats_server, b"GET /healthz\r\n") == b"ok\n"  # 0.9: the body alone
     # A 0.9 request other than GET is refused at once (as a 0.9 answer: no status line).
-    assert b"<p>Error code: 400</p>" in raw(stats_server, b"HEAD /healthz\r\n")
+    assert raw(stats_server, b"HEAD /healthz\r\n") == b"400 Bad HTTP/0.9 request type ('HEAD')\n"
+
+
+def test_a_request_line_http_server_cannot_read_is_refused_in_one_line_of_text(serve):
+    # http.server answers what it cannot read as HTTP/0.9 (no status line): the
+    # body, at least, is one line of text and not an HTML page.
+    stats_server = serve(make_snapshot)
+    assert raw(stats_server, b"GET / HTTP/2.0\r\n\r\n") == b"505 Invalid HTTP version (2.0)\n"
 
 
 @pytest.mark.parametrize("length, status", [(stats.LINE_LIMIT, 404), (stats.LINE_LIMIT + 1, 414)])
