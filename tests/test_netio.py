@@ -562,9 +562,16 @@ def test_next_batch_answers_a_bad_length_with_one_error_then_a_lingering_close(k
     assert conn.sock.fileno() == -1
 
 
-def test_next_batch_answers_a_stalled_frame_with_one_timeout_error_then_closes(kit):
+@pytest.mark.parametrize("sent, timeouts, why", [
+    (7, {"idle_timeout": WAIT, "frame_timeout": 0.05},
+     "a frame took longer than 0.05 s to arrive (frame timeout)"),
+    (3, {"idle_timeout": 0.05, "frame_timeout": WAIT},
+     "nothing came for 0.05 s in the middle of a frame (idle timeout)"),
+], ids=["frame timeout", "silence inside a frame"])
+def test_next_batch_answers_a_stalled_frame_with_one_timeout_error_naming_it_then_closes(
+        kit, sent, timeouts, why):
     conn, peer = kit.pair()
-    peer.sendall(encode_frame(nth_data(1))[:7])
+    peer.sendall(encode_frame(nth_data(1))[:sent])
 
     def read_then_close():
         try:
@@ -573,29 +580,9 @@ def test_next_batch_answers_a_stalled_frame_with_one_timeout_error_then_closes(k
             peer.close()
 
     reader = kit.spawn(read_then_close)
-    assert conn.next_batch(idle_timeout=WAIT, frame_timeout=0.05) is None
-    messages, ending = reader.result()
-    assert messages == [protocol.error(
-        "TIMEOUT", "a frame took longer than 0.05 s to arrive (frame timeout); closing")]
-    assert ending == "eof"
+    assert conn.next_batch(**timeouts) is None
+    assert reader.result() == ([protocol.error("TIMEOUT", f"{why}; closing")], "eof")
     assert conn.sock.fileno() == -1
-
-
-def test_next_batch_answers_silence_inside_a_frame_with_a_timeout_error_naming_it(kit):
-    conn, peer = kit.pair()
-    peer.sendall(encode_frame(nth_data(1))[:3])
-
-    def read_then_close():
-        try:
-            return read_to_end(peer)
-        finally:
-            peer.close()
-
-    reader = kit.spawn(read_then_close)
-    assert conn.next_batch(idle_timeout=0.05, frame_timeout=WAIT) is None
-    assert reader.result() == ([protocol.error(
-        "TIMEOUT", "nothing came for 0.05 s in the middle of a frame (idle timeout); "
-        "closing")], "eof")
 
 
 def test_next_batch_raises_the_idle_timeout_and_sends_nothing(kit):
