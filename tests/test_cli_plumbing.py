@@ -16,7 +16,6 @@ import queue
 import re
 import select
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -339,14 +338,21 @@ def test_ids_typed_under_a_c_locale_reach_the_proxy_as_the_utf_8_typed(
 
 # --- 2. A closed stdout ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("program", ["client", "client --help", "server", "proxy"])
-def test_a_program_whose_stdout_is_closed_ends_quietly_with_141(
-        nodes, children, tmp_path, program):
-    # `PROGRAM | true`: the read end is closed before the program writes.
+@pytest.fixture
+def one_packet(nodes, tmp_path):
+    """A quiet proxy whose server 100 serves policy 111, and a file of one packet of
+    that policy: ``(proxy node, packet file path)``."""
     proxy = nodes.proxy("-quiet")
     nodes.server("100", "111", proxy.port, "-quiet")
-    packets = write_packets(tmp_path, "p.json", [
+    return proxy, write_packets(tmp_path, "p.json", [
         {"type": "0", "srcid": "1", "privPoliId": "111", "payload": "xyz1"}])
+
+
+@pytest.mark.parametrize("program", ["client", "client --help", "server", "proxy"])
+def test_a_program_whose_stdout_is_closed_ends_quietly_with_141(
+        one_packet, children, program):
+    # `PROGRAM | true`: the read end is closed before the program writes.
+    proxy, packets = one_packet
     args = {"client": ("client.py", "-id", 1, "-revproc", proxy.port, "-pkt", packets),
             "client --help": ("client.py", "--help"),
             "server": ("server.py", "-id", 200, "-pp", "111", "-revproc", proxy.port),
@@ -359,13 +365,10 @@ def test_a_program_whose_stdout_is_closed_ends_quietly_with_141(
     ("/dev/full", "No space left on device"),
     (None, "it was closed when the program started")])
 def test_a_client_whose_result_cannot_be_written_says_so_and_exits_1(
-        nodes, tmp_path, stdout, reason):
+        one_packet, stdout, reason):
     # `client.py ... >/dev/full`, `client.py ... >&-`: its lines are its result, so
     # losing them is no success (as `ls >&-` fails), and is said on stderr.
-    proxy = nodes.proxy("-quiet")
-    nodes.server("100", "111", proxy.port, "-quiet")
-    packets = write_packets(tmp_path, "p.json", [
-        {"type": "0", "srcid": "1", "privPoliId": "111", "payload": "xyz1"}])
+    proxy, packets = one_packet
     with open(stdout, "w") if stdout else contextlib.nullcontext() as sink:
         done = subprocess.run(
             [PYTHON, "client.py", "-id", "1", "-revproc", str(proxy.port), "-pkt", str(packets)],
@@ -406,35 +409,18 @@ def test_proxy_piped_into_head_stops_gracefully_with_141(children):
     assert proxy.finish() == (141, "")
 
 
-def test_client_reports_a_proxy_that_closes_the_connection_not_a_broken_pipe(tmp_path):
+def test_client_reports_a_proxy_that_closes_the_connection_not_a_broken_pipe(
+        tmp_path, peers):
     # The socket's EPIPE is the network's: named as a closed connection.
-    listener = socket_that_closes_every_connection()
+    closer = peers(lambda sock: None)  # closes every connection at once
     packets = write_packets(tmp_path, "p.json", [
         {"type": 0, "srcid": "7", "privPoliId": "111", "payload": "x" * 100000}] * 50)
-    try:
-        done = run("client.py", "-id", "7", "-revproc", listener.getsockname()[1],
-                   "-pkt", packets, "-timeout", 5)
-    finally:
-        listener.close()
+    done = run("client.py", "-id", "7", "-revproc", closer.port, "-pkt", packets,
+               "-timeout", 5)
     assert done.returncode == 1, done
     [error] = done.stderr.splitlines()
     assert "Broken pipe" not in error
     assert re.search(r"closed the connection|reset", error), error
-
-
-def socket_that_closes_every_connection():
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conn.close()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener
 
 
 # --- 3. A stuck stdout ---------------------------------------------------------------------
